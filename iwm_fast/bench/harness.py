@@ -1,0 +1,81 @@
+"""Shared benchmark plumbing: timing (median and p20/p80 of many runs), run metadata, CSV rows."""
+import csv
+import datetime
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+COLUMNS = ["kernel", "provider", "shape", "dtype", "metric", "median", "p20", "p80",
+           "gpu", "torch", "triton", "commit", "date"]
+
+
+def _quantiles(samples):
+    s = sorted(samples)
+    q = lambda f: s[min(len(s) - 1, int(round(f * (len(s) - 1))))]  # noqa: E731
+    return statistics.median(s), q(0.2), q(0.8)
+
+
+def time_ms(fn, device, warmup=5, reps=50, cpu_reps=5):
+    """(median, p20, p80) milliseconds of ``fn()``.
+
+    On CUDA the times come from Triton's ``do_bench`` (CUDA events, L2 flushed between runs);
+    on the CPU from a host clock over ``cpu_reps`` runs, for testing the harness only.
+    """
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup * 5, rep=reps * 2, quantiles=[0.5, 0.2, 0.8])
+        return med, p20, p80
+    fn()
+    samples = []
+    for _ in range(cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(samples)
+
+
+def git_commit():
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def metadata(device):
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "none"
+    dev = torch.device(device)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "commit": git_commit(),
+            "date": datetime.date.today().isoformat()}
+
+
+def row(kernel, provider, shape, dtype, metric, stats, meta):
+    """One CSV row; ``stats`` is (median, p20, p80) of ``metric`` (for rates, p20/p80 follow the times)."""
+    med, p20, p80 = stats
+    return {"kernel": kernel, "provider": provider, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
+            "metric": metric, "median": float(med), "p20": float(p20), "p80": float(p80), **meta}
+
+
+def rate(work, stats_ms, scale):
+    """Convert (median, p20, p80) milliseconds into a rate: ``work`` units per second divided by ``scale``."""
+    return tuple(work / (t * 1e-3) / scale for t in stats_ms)
+
+
+def write_csv(rows, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in COLUMNS})
+    return path
