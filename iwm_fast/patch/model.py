@@ -1,0 +1,79 @@
+"""Walk a model, replace each recognised attention module in place, and undo it."""
+import torch.nn as nn
+
+from .attention import PatchedAttention, Unsupported, _is_attention_like, _type_name, inspect_attention, probe
+from .report import ModuleDecision, PatchReport
+
+_BACKENDS = ("auto", "sdpa", "triton")
+
+
+def _parents(model):
+    # A module can sit under several parents (shared blocks): every slot that holds it must be swapped.
+    parents = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for name, child in module._modules.items():
+            if child is not None:
+                parents.setdefault(id(child), []).append((module, name))
+    return parents
+
+
+def patch_model(model, *, attention=True, backend="auto"):
+    """Swap fused attention into ``model`` in place and return a PatchReport of what was replaced or left alone.
+
+    Parameters stay the same objects, state-dict keys are unchanged, and each replacement is checked against the
+    original on a probe input before it is kept. ``unpatch_model`` puts the original modules back.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_model expects an nn.Module, got {type(model).__name__}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    report = PatchReport(backend=backend)
+    if not attention:
+        return report
+    parents = _parents(model)
+    seen = set()
+
+    def visit(module, path):
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if _is_attention_like(module) and not isinstance(module, PatchedAttention):
+            try:
+                if module is model:
+                    raise Unsupported("the root module cannot be replaced in place; patch its parent")
+                spec = inspect_attention(module)
+                patched = PatchedAttention(module, spec, backend)
+                probe(module, patched, spec)
+            except Unsupported as e:
+                report.left_alone.append(ModuleDecision(path, _type_name(module), str(e)))
+            else:
+                for parent, name in parents[id(module)]:
+                    parent._modules[name] = patched
+                detail = (f"heads={spec.num_heads}, head_dim={spec.head_dim}, scale={spec.scale:.6g}"
+                          + (" (assumed head_dim**-0.5)" if spec.scale_assumed else "")
+                          + (", returns (x, None)" if patched.returns_attn_tuple else ""))
+                report.replaced.append(ModuleDecision(path, _type_name(module), detail))
+                return
+        for name, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{path}.{name}" if path else name)
+
+    visit(model, "")
+    return report
+
+
+def unpatch_model(model):
+    """Put back every original module that ``patch_model`` replaced; return the paths restored."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch_model expects an nn.Module, got {type(model).__name__}")
+    restored = []
+    for path, module in list(model.named_modules(remove_duplicate=False)):
+        for name, child in list(module._modules.items()):
+            if isinstance(child, PatchedAttention):
+                original = child.original
+                for sub, sub_module in child._modules.items():  # keep any submodule swapped in while patched
+                    original._modules[sub] = sub_module
+                original.training = child.training
+                module._modules[name] = original
+                restored.append(f"{path}.{name}" if path else name)
+    return restored

@@ -1,0 +1,31 @@
+"""What ``patch_model`` did: each attention-like module it replaced, and each it left alone with the reason."""
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModuleDecision:
+    path: str          # dotted path from the root model, as in ``named_modules``
+    module_type: str   # qualified class name of the original module
+    detail: str        # for a replacement: what was recognised; for a module left alone: why
+
+
+@dataclass
+class PatchReport:
+    backend: str
+    replaced: list = field(default_factory=list)
+    left_alone: list = field(default_factory=list)
+
+    @property
+    def replaced_paths(self):
+        return [d.path for d in self.replaced]
+
+    @property
+    def left_alone_reasons(self):
+        return {d.path: d.detail for d in self.left_alone}
+
+    def __str__(self):
+        lines = [f"patch_model (backend={self.backend!r}): replaced {len(self.replaced)}, "
+                 f"left alone {len(self.left_alone)}"]
+        lines += [f"  replaced    {d.path or '<root>'} [{d.module_type}]: {d.detail}" for d in self.replaced]
+        lines += [f"  left alone  {d.path or '<root>'} [{d.module_type}]: {d.detail}" for d in self.left_alone]
+        return "\n".join(lines)
