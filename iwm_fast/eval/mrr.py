@@ -1,0 +1,184 @@
+"""World-model MRR (IWM paper): can the predictor turn a clean image's latent into the latent of a given view?
+
+For each query image x, ``bank_size`` target-view transformations t_1..t_K of x are sampled (the source stays
+clean). The predictor gets the clean image's context tokens at every position, every position as target and
+the action a(x -> t_j(x)) of one of them, j drawn uniformly. Its prediction is ranked against the K target-
+encoder embeddings t_1(x)..t_K(x); the score is the mean over queries of 1/rank of the true t_j(x).
+
+A predictor that ignores the action ranks the true view uniformly at random, so its expected score is
+H_K / K (``mrr_chance``; 0.0239 for K = 256). Some sampled views can coincide (colour jitter is applied with
+p < 1), so ties are broken at random *in expectation*: the score of a query tied with t - 1 others and beaten by
+g is the mean of 1/r over r = g+1 .. g+t. That keeps an action-blind predictor exactly at chance.
+"""
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .features import _module_device, _module_dtype, as_float_images, eval_mode
+
+TIE_TOL = 1e-6  # cosine similarities this close count as a tie (identical views, float noise of batching)
+
+
+@dataclass
+class QueryBatch:
+    """What a prediction hook sees for a chunk of queries."""
+    source: torch.Tensor  # the source views (clean: no jitter, no destructive transforms), float [Q,3,H,W]
+    action: torch.Tensor  # a(source -> true target view), [Q, ACTION_DIM]
+    target: torch.Tensor  # the true target views, float [Q,3,H,W]; the answer: for oracles and baselines only
+
+
+def harmonic(k: int) -> float:
+    return float(sum(1.0 / r for r in range(1, k + 1)))
+
+
+def mrr_chance(bank_size: int) -> float:
+    """Expected MRR of a ranking that ignores the action: H_K / K."""
+    if bank_size <= 0:
+        raise ValueError(f"bank_size must be positive, got {bank_size}")
+    return harmonic(bank_size) / bank_size
+
+
+def reciprocal_ranks(sims: torch.Tensor, true_idx: torch.Tensor, tie_tol: float = TIE_TOL) -> torch.Tensor:
+    """Expected 1/rank of ``true_idx`` in each row of ``sims`` [Q, K] (higher is better), ties broken at random."""
+    if sims.dim() != 2 or true_idx.shape != sims.shape[:1]:
+        raise ValueError(f"sims must be [Q, K] and true_idx [Q], got {tuple(sims.shape)} and {tuple(true_idx.shape)}")
+    sims = sims.double()
+    true = sims.gather(1, true_idx.long()[:, None])
+    beaten = (sims > true + tie_tol).sum(dim=1)
+    tied = ((sims - true).abs() <= tie_tol).sum(dim=1)  # includes the true entry itself
+    # Mean of 1/r over r = beaten+1 .. beaten+tied, via the harmonic-number table.
+    K = sims.shape[1]
+    h = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(1.0 / torch.arange(1, K + 1, dtype=torch.float64), 0)])
+    return (h[beaten + tied] - h[beaten]) / tied
+
+
+def _pool(x, mode):
+    """[Q, N, D] tokens (or [Q, F] features) -> L2-normalised [Q, F] in float32."""
+    x = x.float()
+    if x.dim() == 3:
+        x = x.mean(dim=1) if mode == "mean" else x.flatten(1)
+    elif x.dim() != 2:
+        raise ValueError(f"embeddings must be [Q, N, D] tokens or [Q, F] features, got shape {tuple(x.shape)}")
+    return F.normalize(x, dim=1)
+
+
+def _transforms_module(transforms):
+    if transforms is not None:
+        return transforms
+    from .. import transforms as default  # late import: the transforms package is independent of evaluation
+    return default
+
+
+def iwm_hooks(model, transforms=None):
+    """``(predict_fn, target_fn)`` for an ``IWM`` model, as used in training.
+
+    target_fn: the target encoder on normalised images, layer-normed without affine (the training targets).
+    predict_fn: the context encoder on the whole clean image, then the predictor with every position as context
+    and one target block covering the whole grid. Conditioning ``"none"`` (I-JEPA) gets no action.
+    """
+    tf = _transforms_module(transforms)
+    dtype = _module_dtype(model.encoder)
+
+    def target_fn(images):
+        h = model.target_encoder(tf.normalize(images).to(dtype))
+        return F.layer_norm(h.float(), (h.shape[-1],))
+
+    def predict_fn(batch: QueryBatch):
+        x = tf.normalize(batch.source).to(dtype)
+        B = x.shape[0]
+        N = model.encoder.num_patches
+        ctx_idx = torch.arange(N, device=x.device)[None].expand(B, N)
+        tgt_idx = torch.arange(N, device=x.device)[None, None].expand(B, 1, N)  # one block, all positions
+        action = None if model.predictor.conditioning == "none" else batch.action.to(dtype)
+        out = model.predict(x, ctx_idx, tgt_idx, action)
+        return out  # [B, N, D] in both target modes, since there is a single block
+
+    return predict_fn, target_fn
+
+
+@torch.no_grad()
+def world_model_mrr(model=None, images=None, *, bank_size=256, num_queries=None, cfg=None, seed=0, device=None,
+                    batch_size=256, predict_fn: Optional[Callable] = None, target_fn: Optional[Callable] = None,
+                    transforms=None, tie_tol=TIE_TOL) -> dict:
+    """World-model MRR of ``model`` (an ``IWM``) on ``images`` (float [B,3,H,W] in [0,1], or uint8).
+
+    The first ``num_queries`` images (all by default) are queries. ``cfg`` is the ``TransformConfig`` of the
+    target views (the training one by default). ``predict_fn(QueryBatch) -> [Q, N, D]`` and
+    ``target_fn(images) -> [Q, N, D]`` replace the model's own hooks (``iwm_hooks``), e.g. for an oracle.
+    Cost: ``num_queries * bank_size`` target-encoder images, ``num_queries`` predictor calls; memory is bounded by
+    ``batch_size`` images per encoder call.
+
+    Returns ``mrr`` (average-pooled, L2-normalised embeddings compared by cosine similarity), ``mrr_tokens`` (the
+    same on token-wise flattened embeddings), ``mrr_identity`` (a baseline predicting the clean image's own
+    target embedding, i.e. "no change"), ``mrr_chance`` = H_K / K, ``mrr_bank_size`` and ``mrr_num_queries``.
+    """
+    tf = _transforms_module(transforms)
+    if images is None:
+        raise ValueError("world_model_mrr needs query images")
+    images = as_float_images(images)
+    if bank_size < 1 or batch_size < 1:
+        raise ValueError(f"bank_size and batch_size must be positive, got {bank_size} and {batch_size}")
+    num_queries = images.shape[0] if num_queries is None else int(num_queries)
+    if not 0 < num_queries <= images.shape[0]:
+        raise ValueError(f"num_queries must be in [1, {images.shape[0]}] (the number of images), got {num_queries}")
+    if (predict_fn is None or target_fn is None) and model is None:
+        raise ValueError("pass an IWM model, or both predict_fn and target_fn")
+    if model is not None:
+        default_predict, default_target = iwm_hooks(model, tf)
+        predict_fn = predict_fn or default_predict
+        target_fn = target_fn or default_target
+        device = _module_device(model) if device is None else torch.device(device)
+    device = torch.device("cpu") if device is None else torch.device(device)
+
+    # The position of the true view in each bank: uniform, independent of the views and of the model.
+    true_all = torch.randint(bank_size, (num_queries,), generator=torch.Generator().manual_seed(seed))
+    Q = max(1, min(num_queries, batch_size))
+    group = max(1, batch_size // Q)  # bank views per target-encoder call
+    rr = {"mean": [], "tokens": [], "identity": []}
+
+    with eval_mode(model) if model is not None else contextlib.nullcontext():
+        for c, start in enumerate(range(0, num_queries, Q)):
+            src = images[start:start + Q].to(device=device, dtype=torch.float32)
+            q = src.shape[0]
+            true = true_all[start:start + q].to(device)
+            # Each (chunk, bank index) gets its own transformation draw, so every query has its own K views.
+            params = [tf.sample_params(q, cfg=cfg, seed=seed, step=c * bank_size + k, device=device,
+                                       clean_source=True) for k in range(bank_size)]
+            source = torch.empty_like(src)
+            target = torch.empty_like(src)
+            action = None
+            for k in torch.unique(true).tolist():
+                sel = true == k
+                a = tf.action_vector(params[k])
+                if action is None:
+                    action = torch.empty(q, a.shape[1], dtype=a.dtype, device=device)
+                action[sel] = a[sel].to(device)
+                source[sel] = tf.apply(src, params[k], "source")[sel]
+                target[sel] = tf.apply(src, params[k], "target")[sel]
+            pred_tokens = predict_fn(QueryBatch(source=source, action=action, target=target))
+            pred_mean, pred_flat = _pool(pred_tokens, "mean"), _pool(pred_tokens, "tokens")
+            ident = _pool(target_fn(source), "mean")
+            sims = {name: torch.empty(q, bank_size, dtype=torch.float64, device=device) for name in rr}
+            for k0 in range(0, bank_size, group):
+                ks = range(k0, min(k0 + group, bank_size))
+                views = torch.cat([tf.apply(src, params[k], "target") for k in ks])
+                emb = target_fn(views)
+                for i, k in enumerate(ks):
+                    e = emb[i * q:(i + 1) * q]
+                    e_mean, e_flat = _pool(e, "mean"), _pool(e, "tokens")
+                    if pred_flat.shape != e_flat.shape:
+                        raise ValueError(f"prediction {tuple(pred_tokens.shape)} and target embeddings "
+                                         f"{tuple(e.shape)} do not match")
+                    sims["mean"][:, k] = (pred_mean * e_mean).sum(1).double()
+                    sims["tokens"][:, k] = (pred_flat * e_flat).sum(1).double()
+                    sims["identity"][:, k] = (ident * e_mean).sum(1).double()
+            for name in rr:
+                rr[name].append(reciprocal_ranks(sims[name].cpu(), true.cpu(), tie_tol))
+
+    mean_rr = {name: torch.cat(v).mean().item() for name, v in rr.items()}
+    return {"mrr": mean_rr["mean"], "mrr_tokens": mean_rr["tokens"], "mrr_identity": mean_rr["identity"],
+            "mrr_chance": mrr_chance(bank_size), "mrr_bank_size": bank_size, "mrr_num_queries": num_queries}
+
