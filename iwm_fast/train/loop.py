@@ -1,0 +1,212 @@
+"""The training loop: the same code on one CPU process, under torchrun, and on many GPU nodes."""
+import logging
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..models import IWM, IWMPredictor, build_vit
+from ..transforms import ACTION_DIM
+from . import checkpoint as ckpt
+from .config import save_config
+from .data import build_training_data, next_batch
+from .metrics import MetricsLogger, ProgressBar, peak_flops, step_flops
+from .parallel import parallelize, resolve_precision
+from .schedules import schedules_at
+from .step import build_optimizer, make_inputs, train_step
+
+log = logging.getLogger("iwm_fast")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def init_distributed(device_pref="auto"):
+    """Join torchrun's process group if there is one, else start a one-process gloo group."""
+    if device_pref == "auto":
+        device_pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("nccl" if device_pref == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device_pref == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def build_model(cfg):
+    """The IWM model from the config, initialised from ``train.seed`` (identically on every rank)."""
+    torch.manual_seed(cfg.train.seed)
+    size = cfg.data.image_size
+    encoder = build_vit(cfg.model.size, img_size=size, patch_size=cfg.model.patch_size,
+                        attn_backend=cfg.model.attn_backend)
+    p = cfg.predictor
+    predictor = IWMPredictor(encoder.grid, encoder.embed_dim, p.width, depth=p.depth,
+                             num_heads=p.num_heads or encoder.num_heads, conditioning=p.conditioning,
+                             action_dim=ACTION_DIM if p.conditioning != "none" else 0,
+                             target_mode=p.target_mode, attn_backend=cfg.model.attn_backend)
+    return IWM(encoder, predictor, loss=cfg.train.loss)
+
+
+def _check_batching(cfg, world):
+    t = cfg.train
+    if t.batch_size % (world * t.accum_steps):
+        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by world size {world} x "
+                         f"train.accum_steps={t.accum_steps}")
+    return t.batch_size // (world * t.accum_steps)
+
+
+def train(cfg, *, loss_hook=None, max_steps=None):
+    """Train (or resume) the run in ``cfg.train.out_dir``; returns the run directory.
+
+    ``loss_hook(step, loss) -> loss`` lets tests inject faults; ``max_steps`` stops early, as a kill would.
+    """
+    rank, world, device = init_distributed(cfg.train.device)
+    t = cfg.train
+    run_dir = t.out_dir
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    precision = resolve_precision(t.precision, device)
+    micro = _check_batching(cfg, world)
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+
+    model = build_model(cfg).to(device)
+    grid = model.encoder.grid
+    model = parallelize(model, device=device, world_size=world, precision=precision, compile_blocks=t.compile,
+                        activation_checkpointing=t.activation_checkpointing)
+    optimizer = build_optimizer(model, lr=t.lr, device=device)
+    scaler = None
+    if precision == "fp16":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        scaler = ShardedGradScaler()
+
+    start_step, skipped_images, bad_steps = 0, 0, 0
+    last = ckpt.latest_checkpoint(ckpt_dir)
+    if last is not None:
+        meta = ckpt.load_checkpoint(last, model, optimizer)
+        start_step, skipped_images = meta["step"], meta.get("skipped_images", 0)
+        if rank == 0:
+            log.info("resumed from %s at step %d", last, start_step)
+    data = build_training_data(cfg, rank=rank, world_size=world, micro_batch=micro,
+                               batches_done=start_step * t.accum_steps)
+
+    logger = MetricsLogger(run_dir, enabled=rank == 0, resume=start_step > 0)
+    bar = ProgressBar(t.steps, start=start_step, enabled=rank == 0, every=t.log_every)
+    peak = peak_flops(device)
+    profiler = _maybe_profiler(cfg, run_dir, rank)
+    end = t.steps if max_steps is None else min(t.steps, max_steps)
+    step = start_step
+    try:
+        for step in range(start_step, end):
+            t_start = time.perf_counter()
+            raw = [next_batch(data) for _ in range(t.accum_steps)]
+            t_data = time.perf_counter() - t_start
+            skipped_images += sum(r.num_skipped for r in raw)
+            global_batch = micro * world * t.accum_steps
+            micro_batches = []
+            for k, r in enumerate(raw):
+                # Rows of this rank's micro-batch k in the global batch of this step.
+                first = k * micro * world + rank * micro
+                rows = torch.arange(first, first + r.images.shape[0], device=device)
+                micro_batches.append(make_inputs(r.images, rows=rows, global_batch=global_batch, grid=grid,
+                                                 cfg=cfg, seed=t.seed, step=step, device=device))
+            s = schedules_at(step, t)
+            loss, skipped = train_step(model, optimizer, micro_batches, lr=s["lr"], wd=s["wd"],
+                                       momentum=s["momentum"], grad_clip=t.grad_clip, scaler=scaler,
+                                       loss_hook=loss_hook, step=step)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t_start
+            n_images = sum(mb.source.shape[0] for mb in micro_batches) * world
+            row = {"step": step + 1, "loss": loss, "lr": s["lr"], "wd": s["wd"], "momentum": s["momentum"],
+                   "images_per_s": n_images / dt, "step_time_s": dt, "data_wait_frac": t_data / dt,
+                   "peak_mem_mb": _peak_mem_mb(device), "skipped": int(skipped), "mfu": ""}
+            if peak is not None:
+                mb0 = micro_batches[0]
+                flops = step_flops(model, n_images, mb0.ctx_idx.shape[1], mb0.tgt_idx[0].numel(), n_images)
+                row["mfu"] = flops / dt / (peak * world)
+            logger.log(row)
+            bar.update(step + 1, loss, row["images_per_s"])
+            if profiler is not None:
+                profiler.step()
+            if skipped:
+                bad_steps += 1
+                log.warning("step %d: non-finite loss %s, update skipped (%d in a row)", step + 1, loss, bad_steps)
+                if bad_steps >= t.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{bad_steps} consecutive steps had a non-finite loss (last at step {step + 1}); "
+                        f"stopping. The last good checkpoint is kept in {ckpt_dir}")
+                continue
+            bad_steps = 0
+            if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+                ckpt.save_checkpoint(ckpt_dir, step + 1, model, optimizer,
+                                     {"batches_done": (step + 1) * t.accum_steps, "skipped_images": skipped_images},
+                                     keep=t.keep_checkpoints)
+    finally:
+        bar.close()
+        logger.close()
+        if profiler is not None:
+            _finish_profiler(profiler, run_dir)
+        data.close()
+    if skipped_images and rank == 0:
+        log.warning("%d unreadable image files were skipped during training", skipped_images)
+    if step + 1 == t.steps and end == t.steps:
+        _finish(cfg, model, run_dir, rank)
+    return run_dir
+
+
+def _peak_mem_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:
+        return float("nan")
+
+
+def _finish(cfg, model, run_dir, rank):
+    """Export the target encoder, then evaluate (rank 0) and print the summary."""
+    state = ckpt.full_model_state(model)
+    if rank == 0:
+        ckpt.export_target_encoder(state, os.path.join(run_dir, "target_encoder.pt"))
+        if cfg.eval.enabled:
+            from .evaluate import evaluate_run
+            evaluate_run(run_dir, cfg=cfg, model_state=state)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _maybe_profiler(cfg, run_dir, rank):
+    if not cfg.profile or rank != 0:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=3, repeat=1), record_shapes=True)
+    prof.start()
+    return prof
+
+
+def _finish_profiler(prof, run_dir):
+    prof.stop()
+    trace = os.path.join(run_dir, "profile_trace.json")
+    prof.export_chrome_trace(trace)
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    with open(os.path.join(run_dir, "profile_kernels.txt"), "w") as f:
+        f.write(table)
+    print(f"[iwm-fast] profiler trace: {trace} (open in Perfetto or chrome://tracing)", file=sys.stderr)

@@ -1,0 +1,117 @@
+"""Per-step metrics (CSV and TensorBoard, rank 0 only), a console progress bar, and an MFU estimate."""
+import csv
+import os
+import sys
+import time
+
+import torch
+
+FIELDS = ["step", "loss", "lr", "wd", "momentum", "images_per_s", "step_time_s", "data_wait_frac",
+          "peak_mem_mb", "mfu", "skipped"]
+
+# Dense bf16 tensor-core peaks (TFLOP/s) for the MFU estimate, by device-name fragment.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_flops(device):
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def _linear_flops(module, tokens):
+    """2 * weights * tokens for every Linear in ``module`` (attention scores are added separately)."""
+    n = sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+    return 2 * n * tokens
+
+
+def step_flops(model, batch, num_ctx, num_pred_tokens, num_tgt_seq):
+    """Approximate training FLOPs of one IWM step: forward+backward (3x) for context encoder and predictor,
+    forward only for the target encoder."""
+    enc, pred = model.encoder, model.predictor
+    N, D = enc.num_patches, enc.embed_dim
+    Dp = pred.predictor_embed.out_features
+    depth, pdepth = len(enc.blocks), len(pred.predictor_blocks)
+    seq = num_ctx + num_pred_tokens
+    target = _linear_flops(model.target_encoder, batch * N) + depth * 4 * batch * N * N * D
+    context = _linear_flops(enc, batch * num_ctx) + depth * 4 * batch * num_ctx ** 2 * D
+    predictor = _linear_flops(pred, num_tgt_seq * seq) + pdepth * 4 * num_tgt_seq * seq ** 2 * Dp
+    return target + 3 * (context + predictor)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir, enabled=True, resume=False):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.csv")
+        self._tb = None
+        if not enabled:
+            return
+        new = not (resume and os.path.exists(self.path))
+        self._file = open(self.path, "w" if new else "a", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
+        if new:
+            self._csv.writeheader()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except Exception as e:  # TensorBoard is optional for a run; the CSV is the record
+            print(f"[iwm-fast] TensorBoard logging off: {e}", file=sys.stderr)
+
+    def log(self, row):
+        if not self.enabled:
+            return
+        self._csv.writerow({k: row.get(k, "") for k in FIELDS})
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and v == v:
+                    self._tb.add_scalar(f"train/{k}", v, row["step"])
+
+    def close(self):
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+class ProgressBar:
+    """One line with loss, images/s and ETA; rewritten in place on a terminal, printed every few steps otherwise."""
+
+    def __init__(self, total, start=0, enabled=True, every=10, stream=sys.stderr):
+        self.total, self.done, self.enabled, self.every, self.stream = total, start, enabled, every, stream
+        self.tty = stream.isatty()
+        self.t0, self.start = time.perf_counter(), start
+
+    def update(self, step, loss, images_per_s):
+        if not self.enabled:
+            return
+        self.done = step
+        rate = (step - self.start) / max(1e-9, time.perf_counter() - self.t0)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        width = 24
+        filled = int(width * step / max(1, self.total))
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss:.4f} "
+                f"{images_per_s:7.1f} img/s ETA {_fmt_time(eta)}")
+        if self.tty:
+            self.stream.write("\r" + line)
+            self.stream.flush()
+        elif step % self.every == 0 or step == self.total:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def close(self):
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+
+
+def _fmt_time(seconds):
+    if seconds == float("inf"):
+        return "--:--"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
