@@ -314,3 +314,54 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="backend"):
         patch_model(nn.Linear(2, 2), backend="flash")
     assert patch_model(MODELS["ijepa"](), attention=False).replaced == []
+
+
+# ---- compat helpers with I-JEPA's signatures ------------------------------------------------------------------
+from iwm_fast import compat  # noqa: E402
+
+
+def test_compat_apply_masks_matches_indexing():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 197, 24, generator=g)
+    masks = [torch.randint(0, 197, (3, k), generator=g) for k in (5, 5)]
+    expected = torch.cat([x[torch.arange(3)[:, None], m] for m in masks])
+    torch.testing.assert_close(compat.apply_masks(x, masks), expected, rtol=0, atol=0)
+    parts = compat.apply_masks(x, masks, concat=False)
+    assert len(parts) == 2 and all(torch.equal(p, x[torch.arange(3)[:, None], m]) for p, m in zip(parts, masks))
+    with pytest.raises(TypeError, match="integer index"):
+        compat.apply_masks(x, [torch.zeros(3, 4)])
+    with pytest.raises(ValueError, match="batch"):
+        compat.apply_masks(x, [torch.zeros(2, 4, dtype=torch.long)])
+
+
+def test_compat_ema_update_model_matches_formula():
+    torch.manual_seed(0)
+    online, target = MODELS["ijepa"](), MODELS["ijepa"]()
+    buffers = nn.BatchNorm1d(3)
+    target.add_module("bn", buffers)
+    online.add_module("bn", nn.BatchNorm1d(3))
+    online.bn.running_mean.fill_(5.0)
+    m = 0.996
+    expected = [m * t.double() + (1 - m) * o.double() for t, o in zip(target.parameters(), online.parameters())]
+    compat.ema_update_model(target, online, torch.tensor(m))
+    for t, e in zip(target.parameters(), expected):
+        torch.testing.assert_close(t.double(), e, rtol=0, atol=1e-6)
+    assert torch.equal(target.bn.running_mean, torch.zeros(3))  # buffers are not averaged (as in I-JEPA)
+    with pytest.raises(ValueError, match="parameters"):
+        compat.ema_update_model(target, MODELS["timm"](), 0.99)
+    with pytest.raises(ValueError, match="momentum"):
+        compat.ema_update_model(target, online, 1.5)
+
+
+def test_compat_mask_collator_reexport():
+    try:
+        collator_cls = compat.MultiBlockMaskCollator
+    except ImportError:
+        pytest.skip("iwm_fast.masks.MultiBlockMaskCollator has not landed yet")
+    collator = collator_cls(input_size=(32, 32), patch_size=4, enc_mask_scale=(0.85, 1.0),
+                            pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4,
+                            min_keep=4, allow_overlap=False)
+    batch, masks_enc, masks_pred = collator([(torch.randn(3, 32, 32), 0) for _ in range(2)])
+    assert len(masks_enc) == 1 and len(masks_pred) == 4
+    x = torch.randn(2, 64, 8)
+    assert compat.apply_masks(x, masks_pred).shape[0] == 8
