@@ -5,8 +5,9 @@ contrast blends with the mean of the grayscale image, saturation with the graysc
 """
 import torch
 
-# ITU-R 601-2 luma weights (those of PIL's "L" conversion and torchvision's rgb_to_grayscale).
-LUMA = (0.2989, 0.587, 0.114)
+# ITU-R 601-2 luma weights, as in PIL's "L" conversion. They sum to 1, so grayscale is idempotent and keeps
+# gray pixels unchanged (torchvision's rgb_to_grayscale uses 0.2989 for red, a 1e-4 difference).
+LUMA = (0.299, 0.587, 0.114)
 
 
 def _per_sample(f, x):
