@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ..transforms.config import TransformConfig
+
 
 @dataclass
 class ModelConfig:
@@ -42,18 +44,6 @@ class MaskConfig:
     context_scale: typing.Tuple[float, float] = (0.85, 1.0)
     min_keep: int = 10
     allow_overlap: bool = False
-
-
-@dataclass
-class AugmentConfig:
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.2
-    solarize_p: float = 0.2
 
 
 @dataclass
@@ -96,7 +86,7 @@ class Config:
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     data: DataConfig = field(default_factory=DataConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: TransformConfig = field(default_factory=TransformConfig)  # views: colour jitter and destructive transforms
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: bool = False         # write a torch.profiler trace of a few steps and a per-kernel table
@@ -108,6 +98,10 @@ class ConfigError(ValueError):
 
 def _coerce(value, hint, key):
     origin = typing.get_origin(hint)
+    if hint is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list like [a, b], got {value!r}")
+        return tuple(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
             raise ConfigError(f"{key} must be a pair like [a, b], got {value!r}")
@@ -183,7 +177,12 @@ def load_config(path=None, overrides=()):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         for key, value in _flatten(data):
             _set(cfg, key, value)
-    return apply_overrides(cfg, overrides)
+    apply_overrides(cfg, overrides)
+    try:  # re-run the sections' own validation on the final values
+        cfg.augment = dataclasses.replace(cfg.augment)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"augment: {e}") from None
+    return cfg
 
 
 def to_dict(cfg):

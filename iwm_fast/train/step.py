@@ -19,12 +19,6 @@ class StepInputs:
     action: torch.Tensor     # [B, ACTION_DIM]
 
 
-def _rows(params, rows):
-    return dataclasses.replace(params, **{f.name: getattr(params, f.name)[rows]
-                                          for f in dataclasses.fields(params)
-                                          if torch.is_tensor(getattr(params, f.name))})
-
-
 def make_inputs(images, *, rows, global_batch, grid, cfg, seed, step, device):
     """Build one micro-batch on ``device`` from crop-and-flipped images (uint8 or float in [0, 1]).
 
@@ -38,7 +32,7 @@ def make_inputs(images, *, rows, global_batch, grid, cfg, seed, step, device):
                                   target_aspect=m.target_aspect, context_scale=m.context_scale,
                                   min_keep=m.min_keep, allow_overlap=m.allow_overlap, seed=seed, step=step,
                                   device=device)
-    params = _rows(sample_params(global_batch, cfg=cfg.augment, seed=seed, step=step, device=device), rows)
+    params = sample_params(global_batch, cfg=cfg.augment, seed=seed, step=step, device=device)[rows]
     return StepInputs(source=normalize(apply(images, params, "source")),
                       target=normalize(apply(images, params, "target")),
                       ctx_idx=ctx[rows], tgt_idx=tgt[rows], action=action_vector(params))
