@@ -365,3 +365,17 @@ def test_compat_mask_collator_reexport():
     assert len(masks_enc) == 1 and len(masks_pred) == 4
     x = torch.randn(2, 64, 8)
     assert compat.apply_masks(x, masks_pred).shape[0] == 8
+
+
+def test_example_script_runs_a_patched_step(capsys):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "patch_ijepa_step.py"
+    spec = importlib.util.spec_from_file_location("patch_ijepa_step", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--steps", "1", "--batch", "2", "--backend", "sdpa"])
+    out = capsys.readouterr().out
+    assert "replaced 3, left alone 0" in out and "step 0: loss" in out
+    diff = float(out.rsplit("max abs diff", 1)[1])
+    assert diff < 1e-4
