@@ -26,10 +26,10 @@ def _extensions():
     use_cuda = switch == "1" or (switch is None and torch.version.cuda is not None and has_nvcc)
     if switch == "1" and torch.version.cuda is None:
         raise RuntimeError("IWM_FAST_CUDA=1 but this torch has no CUDA; install a CUDA build of torch")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.10 headers use C++20
     common = dict(include_dirs=[os.path.abspath("csrc")], extra_link_args=["-fopenmp"])
     if use_cuda:
-        nvcc = ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
+        nvcc = ["-O3", "-std=c++20", "-gencode=arch=compute_80,code=sm_80",
                 "-gencode=arch=compute_90,code=sm_90"]
         ext = CUDAExtension("iwm_fast._C", cpp + sorted(glob.glob("csrc/*.cu")),
                             extra_compile_args={"cxx": cxx + ["-DIWM_FAST_WITH_CUDA"], "nvcc": nvcc}, **common)
