@@ -103,7 +103,7 @@ def train(cfg, *, loss_hook=None, max_steps=None):
     data = build_training_data(cfg, rank=rank, world_size=world, micro_batch=micro,
                                batches_done=start_step * t.accum_steps)
 
-    logger = MetricsLogger(run_dir, enabled=rank == 0, resume=start_step > 0)
+    logger = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start_step)
     bar = ProgressBar(t.steps, start=start_step, enabled=rank == 0, every=t.log_every)
     peak = peak_flops(device)
     profiler = _maybe_profiler(cfg, run_dir, rank)

@@ -44,17 +44,21 @@ def step_flops(model, batch, num_ctx, num_pred_tokens, num_tgt_seq):
 
 
 class MetricsLogger:
-    def __init__(self, run_dir, enabled=True, resume=False):
+    def __init__(self, run_dir, enabled=True, resume_step=0):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.csv")
         self._tb = None
         if not enabled:
             return
-        new = not (resume and os.path.exists(self.path))
-        self._file = open(self.path, "w" if new else "a", newline="")
+        kept = []
+        if resume_step > 0 and os.path.exists(self.path):
+            # Rows logged after the checkpoint we resume from are recomputed: drop them so each step appears once.
+            with open(self.path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
+        self._file = open(self.path, "w", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
-        if new:
-            self._csv.writeheader()
+        self._csv.writeheader()
+        self._csv.writerows(kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
