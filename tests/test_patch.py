@@ -224,6 +224,39 @@ def test_extra_arguments_go_to_the_original_forward():
     torch.testing.assert_close(holder[0](x, attn_mask=mask), attn(x, attn_mask=mask), rtol=0, atol=0)
 
 
+class VJepaStyleAttention(nn.Module):
+    """SDPA inside, ``forward(x, mask=None)`` returning ``(x, None)``, dropout probability kept as a float."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.num_heads, self.scale, self.use_sdpa = heads, (dim // heads) ** -0.5, True
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim)
+        self.attn_drop, self.proj_drop, self.proj_drop_prob = nn.Dropout(0.0), nn.Dropout(0.0), 0.0
+
+    def forward(self, x, mask=None):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.proj_drop_prob)
+        if mask is not None:
+            out = out * 0
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C))), None
+
+
+def test_vjepa_style_attention_is_replaced_and_mask_calls_fall_back():
+    torch.manual_seed(0)
+    attn = VJepaStyleAttention(48, 4)
+    holder = nn.Sequential(attn)
+    assert patch_model(holder, backend="sdpa").replaced_paths == ["0"]
+    x = torch.randn(2, 11, 48)
+    y, w = holder[0](x)
+    assert w is None
+    torch.testing.assert_close(y, attn(x)[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(holder[0](x, mask=torch.ones(1))[0], attn(x, mask=torch.ones(1))[0])
+    attn.proj_drop_prob = 0.1  # V-JEPA hands this to SDPA as attention dropout: not ours to replace
+    unpatch_model(holder)
+    assert "proj_drop_prob=0.1" in patch_model(holder, backend="sdpa").left_alone_reasons["0"]
+
+
 # ---- look-alikes: left alone and reported, never mis-patched -------------------------------------------------
 class BeitStyleAttention(TimmStyleAttention):
     def __init__(self, dim, heads):
@@ -274,6 +307,7 @@ LOOKALIKES = {
     "beit": (lambda: BeitStyleAttention(48, 2), "q_bias/v_bias"),
     "grouped_kv": (lambda: GroupedKVAttention(48, 2), "not 3*dim"),
     "rotary": (lambda: RotaryAttention(48, 2), "rotary embedding present"),
+    "rope_class": (lambda: _rename(TimmStyleAttention(48, 2), "RoPEAttention"), "rotary embedding present"),
     "no_heads": (lambda: NoHeadsAttention(48), "num_heads missing"),
     "head_major": (lambda: HeadMajorLayoutAttention(48, 2), "output differs"),
     "attn_dropout": (lambda: TimmStyleAttention(48, 2, attn_drop=0.1), "attention dropout"),
@@ -281,6 +315,11 @@ LOOKALIKES = {
     "extra_submodule": (lambda: _with_child(TimmStyleAttention(48, 2), "lora_a", nn.Linear(48, 4)),
                         "unrecognised submodule 'lora_a'"),
 }
+
+
+def _rename(m, name):
+    m.__class__ = type(name, (type(m),), {})
+    return m
 
 
 def _with_full_width_qnorm(m):

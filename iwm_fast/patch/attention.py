@@ -51,6 +51,9 @@ def _is_attention_like(module):
 
 
 def _check_names(module):
+    cls = type(module).__name__.lower()
+    if "rope" in cls or "rotary" in cls:
+        raise Unsupported(f"rotary embedding present (class {type(module).__name__})")
     own = {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
     names = own | set(module._modules) | set(vars(module))
     if {"q_bias", "v_bias"} & own:

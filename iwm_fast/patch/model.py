@@ -4,7 +4,10 @@ import torch.nn as nn
 from .attention import PatchedAttention, Unsupported, _is_attention_like, _type_name, inspect_attention, probe
 from .report import ModuleDecision, PatchReport
 
-_BACKENDS = ("auto", "sdpa", "triton")
+try:  # whatever ops.attention offers (auto, triton, sdpa, and flash_attn/xformers where installed)
+    from ..ops.attention import BACKENDS as _BACKENDS
+except ImportError:
+    _BACKENDS = ("auto", "sdpa", "triton")
 
 
 def _parents(model):
