@@ -29,7 +29,7 @@ def _extensions():
     cxx = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.10 headers use C++20
     common = dict(include_dirs=[os.path.abspath("csrc")], extra_link_args=["-fopenmp"])
     if use_cuda:
-        nvcc = ["-O3", "-std=c++20", "-gencode=arch=compute_80,code=sm_80",
+        nvcc = ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
                 "-gencode=arch=compute_90,code=sm_90"]
         ext = CUDAExtension("iwm_fast._C", cpp + sorted(glob.glob("csrc/*.cu")),
                             extra_compile_args={"cxx": cxx + ["-DIWM_FAST_WITH_CUDA"], "nvcc": nvcc}, **common)

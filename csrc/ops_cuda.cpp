@@ -1,7 +1,8 @@
 // CUDA implementation of iwm_fast::sample_block_masks: two kernels around one host sync (the context length
 // is the batch minimum, needed to allocate the output).
 #ifdef IWM_FAST_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -27,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> sample_block_masks_cuda(
   TORCH_CHECK_VALUE(s.num_blocks() <= kMaxBlocksCuda, "num_targets + num_contexts must be at most ",
                     kMaxBlocksCuda, " on CUDA, got ", s.num_blocks());
   const auto opts = anchor.options();
-  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
   auto corners = at::empty({s.batch, s.num_blocks(), 3}, opts.dtype(at::kInt));
   auto counts = at::empty({s.batch}, opts.dtype(at::kLong));
   int err = launch_sample_layouts_cuda(s, corners.data_ptr<int32_t>(), counts.data_ptr<int64_t>(), stream);
