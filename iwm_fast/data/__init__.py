@@ -1,6 +1,6 @@
 """Data: the bundled digits dataset, an ImageFolder reader, a resumable distributed sampler and the loader.
 
-Batches are dicts ``{"images": uint8 [B, 3, S, S], "labels": int64 [B], "indices": int64 [B],
+Batches are dicts ``{"images": uint8 [B, 3, S, S], "labels": int64 [B], "indices": int64 [B], "batch_positions",
 "num_skipped": int}``; the shared crop and flip are done in DataLoader workers, the photometric transforms
 later on the training device (``iwm_fast.transforms``).
 """

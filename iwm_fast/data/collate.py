@@ -5,16 +5,21 @@ import torch
 def collate_skip_bad(items, image_size=None):
     """``items`` are ``(image uint8 [3, H, W], label, index)`` or None for an unreadable file.
 
-    Returns ``{"images": uint8 [B, 3, H, W], "labels": int64 [B], "indices": int64 [B], "num_skipped": int}``
-    where B counts only the readable samples (it may be smaller than the batch size, even 0).
+    Returns ``{"images": uint8 [B, 3, H, W], "labels": int64 [B], "indices": int64 [B],
+    "batch_positions": int64 [B], "num_skipped": int}`` where B counts only the readable samples (it may be
+    smaller than the batch size, even 0); ``batch_positions`` are the kept samples' places among the
+    ``len(items)`` drawn, so per-position randomness (views, masks) stays with the right sample.
     """
-    good = [it for it in items if it is not None]
+    kept = [k for k, it in enumerate(items) if it is not None]
+    good = [items[k] for k in kept]
     skipped = len(items) - len(good)
     if not good:
         h, w = (image_size, image_size) if isinstance(image_size, int) else (image_size or (0, 0))
         return {"images": torch.empty(0, 3, h, w, dtype=torch.uint8), "labels": torch.empty(0, dtype=torch.long),
-                "indices": torch.empty(0, dtype=torch.long), "num_skipped": skipped}
+                "indices": torch.empty(0, dtype=torch.long),
+                "batch_positions": torch.empty(0, dtype=torch.long), "num_skipped": skipped}
     return {"images": torch.stack([it[0] for it in good]),
             "labels": torch.tensor([int(it[1]) for it in good], dtype=torch.long),
             "indices": torch.tensor([int(it[2]) for it in good], dtype=torch.long),
+            "batch_positions": torch.tensor(kept, dtype=torch.long),
             "num_skipped": skipped}

@@ -58,6 +58,8 @@ def apply(images, params: TransformParams, view: str, *, check_range: bool = Tru
         raise ValueError(f"params hold {params.batch_size} samples but images hold {images.shape[0]}")
     if params.device != images.device:
         params = params.to(images.device, non_blocking=True)
+    if images.shape[0] == 0:  # every file of a batch may have been unreadable
+        return images.clone()
     x = images.float()
     if view == "target":
         return color_jitter(x, params.target).to(images.dtype)
