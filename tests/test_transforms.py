@@ -347,3 +347,13 @@ def test_bad_view_params_and_config():
         random_resized_crop_flip(torch.zeros(3, 8, 8), 0)
     with pytest.raises(ValueError, match=r"\[\.\.\., 3, H, W\]"):
         normalize(torch.zeros(2, 4, 3, 3))
+
+
+def test_empty_batch_and_tensor_row_selection():
+    p = sample_params(6, seed=1, step=1)
+    rows = torch.tensor([4, 1])
+    q = p[rows]
+    assert torch.equal(action_vector(q), action_vector(p)[rows])
+    empty = torch.zeros(0, 3, 8, 8)
+    for view in ("source", "target"):
+        assert apply(empty, p[torch.zeros(0, dtype=torch.long)], view).shape == (0, 3, 8, 8)
