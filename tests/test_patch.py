@@ -115,7 +115,7 @@ def _assert_close_to_reference(name, got, ours, ref64):
 
 def _check_against_original(model_name, backend):
     torch.manual_seed(0)
-    model = MODELS[model_name]()
+    model = MODELS[model_name]() if isinstance(model_name, str) else model_name()
     reference = copy.deepcopy(model)
     ref64 = copy.deepcopy(model).double()
     img = _image(model)
@@ -156,7 +156,8 @@ def _triton_attention_available():
 
 @pytest.mark.skipif(not _triton_attention_available(), reason="ops.attention has no triton backend yet")
 def test_triton_backend_matches_under_interpreter():
-    _check_against_original("ijepa", "triton")
+    # 25 tokens, head dim 24, odd sizes for the kernel's masking; tiny because the interpreter is slow.
+    _check_against_original(lambda: TinyViT("ijepa", grid=5, depth=1), "triton")
 
 
 def test_parameters_and_state_dict_keys_unchanged():
