@@ -57,13 +57,16 @@ def ema_update_model(target_encoder, encoder, m):
 
     Pairs parameters in ``parameters()`` order, as I-JEPA's zip does, so DDP- or compile-wrapped models work;
     unlike zip it refuses models whose parameter counts or shapes differ. Buffers are not touched (as in
-    I-JEPA). ``m`` is a float or a 0-dim tensor in [0, 1].
+    I-JEPA). ``m`` is a float or a 0-d float tensor in [0, 1]; a CUDA tensor is passed to the fused kernel
+    unread (no host sync), so its range is the caller's to keep.
     """
     if torch.is_tensor(m):
-        if m.numel() != 1:
-            raise ValueError(f"momentum must be a scalar, got a tensor of shape {tuple(m.shape)}")
-        m = float(m)
-    if not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
+        if m.dim() != 0 or not m.dtype.is_floating_point:
+            raise ValueError(f"momentum tensor must be a 0-d float tensor, got shape {tuple(m.shape)} {m.dtype}")
+        if m.device.type == "cpu":
+            m = float(m)
+        # A device tensor goes to the kernel unread: reading it to check its range would sync every step.
+    if not torch.is_tensor(m) and (not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0):
         raise ValueError(f"momentum must be a number in [0, 1], got {m!r}")
     target, online = _params(target_encoder, "target_encoder"), _params(encoder, "encoder")
     if len(target) != len(online):

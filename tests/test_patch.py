@@ -382,10 +382,14 @@ def test_compat_ema_update_model_matches_formula():
     online.add_module("bn", nn.BatchNorm1d(3))
     online.bn.running_mean.fill_(5.0)
     m = 0.996
-    expected = [m * t.double() + (1 - m) * o.double() for t, o in zip(target.parameters(), online.parameters())]
-    compat.ema_update_model(target, online, torch.tensor(m))
-    for t, e in zip(target.parameters(), expected):
+    exact = [m * t.double() + (1 - m) * o.double() for t, o in zip(target.parameters(), online.parameters())]
+    ijepa_loop = [t.detach().clone() for t in target.parameters()]
+    for k, q in zip(ijepa_loop, online.parameters()):  # the official update, for the bitwise claim in the docs
+        k.mul_(m).add_((1.0 - m) * q.detach())
+    compat.ema_update_model(target, online, torch.tensor(m, dtype=torch.float64))
+    for t, e, loop in zip(target.parameters(), exact, ijepa_loop):
         torch.testing.assert_close(t.double(), e, rtol=0, atol=1e-6)
+        assert torch.equal(t, loop)
     assert torch.equal(target.bn.running_mean, torch.zeros(3))  # buffers are not averaged (as in I-JEPA)
     with pytest.raises(ValueError, match="parameters"):
         compat.ema_update_model(target, MODELS["timm"](), 0.99)
