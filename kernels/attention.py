@@ -1,0 +1,503 @@
+"""Fused non-causal attention (FlashAttention-2 algorithm) in Triton, tuned for short ViT sequences.
+
+Layout is [B, H, N, D] with arbitrary strides. Forward: online softmax over key blocks, fp32 accumulation,
+saves the natural-log log-sum-exp (LSE) per query row. Backward: a preprocess computes
+delta = rowsum(dO * O), then one kernel walks query blocks for each key block (dK, dV) and another walks
+key blocks for each query block (dQ), so nothing needs atomics.
+
+Shapes handled without caller padding: any Nq and Nk (tails masked), head dims 16..256 (padded inside the
+kernel to the next power of two with masked loads), optional per-sample key lengths (keys at index
+>= key_lengths[b] are ignored; a row with no keys gives zeros and zero gradients).
+
+Autotuning: small tiles (32/64 rows) are in the config space because at N <= 256 a 128-row tile leaves
+most of its rows masked (196 tokens = 1.53 tiles of 128), and head dims 24..80 make each tile's dots cheap,
+so more, smaller programs keep an H100's SMs busy. The key is (power-of-two bucket of Nq, of Nk, head dim)
+plus the dtypes (Triton adds those), so the predictor's varying sequence lengths do not retune every step.
+Under TRITON_INTERPRET there is one config per kernel: the interpreter would otherwise run every config.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+MIN_HEAD_DIM = 1
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fix_interpreter_scalar_index():
+    """Let the interpreter use runtime scalars as ``range`` bounds under NumPy >= 2.3.
+
+    Triton 3.6's interpreter keeps scalars as 1-element arrays of shape (1,) and converts them with
+    ``int(array)``, which NumPy 2.3+ rejects, so any loop with a runtime trip count fails. This wraps the
+    interpreter's tensor patching to convert through ``.item()``. Process-wide and idempotent; it only
+    changes the interpreter (the GPU compiler never sees ``__index__``).
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_scalar_index_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._scalar_index_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if _interpreting():
+    _fix_interpreter_scalar_index()
+
+
+def _bucket(n):
+    return triton.next_power_of_2(max(int(n), 16))
+
+
+def _cfg(block_a, block_b, warps, stages, names):
+    return triton.Config({names[0]: block_a, names[1]: block_b}, num_warps=warps, num_stages=stages)
+
+
+# (rows of the program's own tile, rows of the tile it streams over, num_warps, num_stages)
+_FWD_SPACE = [(32, 32, 2, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+              (64, 128, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
+_BWD_SPACE = [(32, 32, 2, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3),
+              (128, 64, 8, 2)]
+# One config for the interpreter: 64-row tiles keep the number of (slow, Python-level) programs low and
+# 32-row streamed tiles make 196/197/257-token tests cross several full blocks plus a masked tail.
+_INTERP = (64, 32, 4, 1)
+
+
+def _configs(space, names):
+    if _interpreting():
+        return [_cfg(*_INTERP, names)]
+    return [_cfg(*c, names) for c in space]
+
+
+def _prune(own_rows_key, streamed_rows_key, own_name, streamed_name):
+    """Drop tiles far larger than the sequence and tiles that cannot fit shared memory / registers."""
+
+    def prune(configs, named_args, **kwargs):
+        n_own = named_args[own_rows_key]
+        n_streamed = named_args[streamed_rows_key]
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+        kept = []
+        for c in configs:
+            own, streamed = c.kwargs[own_name], c.kwargs[streamed_name]
+            if own > max(32, n_own) or streamed > max(32, n_streamed):
+                continue
+            if block_d >= 256 and (own > 64 or streamed > 64 or c.num_stages > 2):
+                continue
+            if block_d >= 128 and own >= 128 and streamed >= 128:
+                continue
+            kept.append(c)
+        return kept or [configs[0]]
+
+    return prune
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; padded head-dim columns and (if MASK_ROWS) rows >= n_rows read 0."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    if MASK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_rows(base, tile, offs_r, offs_d, stride_r, stride_d, n_rows,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    if HEAD_DIM == BLOCK_D:
+        tl.store(ptrs, tile, mask=offs_r[:, None] < n_rows)
+    else:
+        tl.store(ptrs, tile, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _key_length(KL, b, N_K, HAS_KL: tl.constexpr):
+    if HAS_KL:
+        kv_len = tl.minimum(tl.maximum(tl.load(KL + b).to(tl.int32), 0), N_K)
+    else:
+        kv_len = N_K
+    return kv_len
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n, kv_len, qk_scale,
+               m_i, l_i, acc, offs_n, offs_d,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, kv_len, HEAD_DIM, BLOCK_D, MASK_N)
+    v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, kv_len, HEAD_DIM, BLOCK_D, MASK_N)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASK_N:
+        s = tl.where(cols[None, :] < kv_len, s, float("-inf"))
+    # Every processed block holds at least one valid key, so m_new is finite and alpha never NaN.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.autotune(configs=_configs(_FWD_SPACE, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": _prune("N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")})
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
+                     stride_qb, stride_qh, stride_qn, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_ob, stride_oh, stride_on, stride_od,
+                     H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Query blocks of one (batch, head) are adjacent in launch order so they share K/V in L2; a flat grid
+    # avoids the 65535 limit on grid axis 1 for large B*H.
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(N_Q, BLOCK_M)
+    pid_m = pid % n_m
+    bh = pid // n_m
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    o_base = O + b64 * stride_ob + h64 * stride_oh
+    kv_len = _key_length(KL, b, N_K, HAS_KL)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, offs_m, offs_d, stride_qn, stride_qd, N_Q, HEAD_DIM, BLOCK_D, True)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (kv_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n,
+                                   kv_len, qk_scale, m_i, l_i, acc, offs_n, offs_d,
+                                   HEAD_DIM, BLOCK_D, False, PRECISION)
+    for start_n in range(n_full, kv_len, BLOCK_N):  # at most one masked tail block
+        m_i, l_i, acc = _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n,
+                                   kv_len, qk_scale, m_i, l_i, acc, offs_n, offs_d,
+                                   HEAD_DIM, BLOCK_D, True, PRECISION)
+
+    # A row with no keys (kv_len == 0) has l_i == 0: output zeros and LSE = +inf, which makes the
+    # backward's probabilities exp(s - inf) = 0, hence zero gradients instead of NaN.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    _store_rows(o_base, out.to(O.dtype.element_ty), offs_m, offs_d, stride_on, stride_od, N_Q, HEAD_DIM, BLOCK_D)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA,
+                      stride_ob, stride_oh, stride_on, stride_od,
+                      stride_dob, stride_doh, stride_don, stride_dod,
+                      H, N_Q,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(N_Q, BLOCK_M)
+    pid_m = pid % n_m
+    bh = pid // n_m
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b64 * stride_ob + h64 * stride_oh, offs_m, offs_d, stride_on, stride_od, N_Q,
+                   HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh, offs_m, offs_d, stride_don, stride_dod, N_Q,
+                    HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base,
+                stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid,
+                offs_m, offs_d,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr):
+    rows = start_m + offs_m
+    q = _load_rows(q_base, rows, offs_d, stride_qn, stride_qd, N_Q, HEAD_DIM, BLOCK_D, MASK_M)
+    do = _load_rows(do_base, rows, offs_d, stride_don, stride_dod, N_Q, HEAD_DIM, BLOCK_D, MASK_M)
+    if MASK_M:
+        # Padded query rows get LSE = +inf, so their probabilities (and contributions) are exactly 0.
+        lse = tl.load(lse_base + rows, mask=rows < N_Q, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=rows < N_Q, other=0.0)
+    else:
+        lse = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    p_t = tl.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+    p_t = tl.where(key_valid[:, None], p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(_BWD_SPACE, ("BLOCK_N", "BLOCK_M")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": _prune("N_K_KEY", "N_Q_KEY", "BLOCK_N", "BLOCK_M")})
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
+                          stride_qb, stride_qh, stride_qn, stride_qd,
+                          stride_kb, stride_kh, stride_kn, stride_kd,
+                          stride_vb, stride_vh, stride_vn, stride_vd,
+                          stride_dob, stride_doh, stride_don, stride_dod,
+                          stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                          stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                          H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
+                          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(N_K, BLOCK_N)
+    pid_n = pid % n_n
+    bh = pid // n_n
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    kv_len = _key_length(KL, b, N_K, HAS_KL)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b64 * stride_kb + h64 * stride_kh, offs_n, offs_d, stride_kn, stride_kd, N_K,
+                   HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + b64 * stride_vb + h64 * stride_vh, offs_n, offs_d, stride_vn, stride_vd, N_K,
+                   HEAD_DIM, BLOCK_D, True)
+    key_valid = offs_n < kv_len
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    do_base = DO + b64 * stride_dob + h64 * stride_doh
+    lse_base = LSE + bh.to(tl.int64) * N_Q
+    delta_base = DELTA + bh.to(tl.int64) * N_Q
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # A key block lying wholly in the padding gets no queries: its dK and dV stay zero.
+    q_stop = tl.where(pid_n * BLOCK_N < kv_len, N_Q, 0)
+    m_full = (q_stop // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+                             stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid, offs_m, offs_d,
+                             HEAD_DIM, BLOCK_D, False, PRECISION)
+    for start_m in range(m_full, q_stop, BLOCK_M):
+        dk, dv = _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+                             stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid, offs_m, offs_d,
+                             HEAD_DIM, BLOCK_D, True, PRECISION)
+    dk = dk * sm_scale
+    _store_rows(DK + b64 * stride_dkb + h64 * stride_dkh, dk.to(DK.dtype.element_ty), offs_n, offs_d,
+                stride_dkn, stride_dkd, N_K, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + b64 * stride_dvb + h64 * stride_dvh, dv.to(DV.dtype.element_ty), offs_n, offs_d,
+                stride_dvn, stride_dvd, N_K, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+              start_n, kv_len, qk_scale, offs_n, offs_d,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, kv_len, HEAD_DIM, BLOCK_D, MASK_N)
+    v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, kv_len, HEAD_DIM, BLOCK_D, MASK_N)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    if MASK_N:
+        p = tl.where(cols[None, :] < kv_len, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_configs(_BWD_SPACE, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": _prune("N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")})
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KL,
+                        stride_qb, stride_qh, stride_qn, stride_qd,
+                        stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd,
+                        stride_dob, stride_doh, stride_don, stride_dod,
+                        stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+                        H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(N_Q, BLOCK_M)
+    pid_m = pid % n_m
+    bh = pid // n_m
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    kv_len = _key_length(KL, b, N_K, HAS_KL)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, offs_m, offs_d, stride_qn, stride_qd, N_Q,
+                   HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh, offs_m, offs_d, stride_don, stride_dod, N_Q,
+                    HEAD_DIM, BLOCK_D, True)
+    row_ok = offs_m < N_Q
+    lse2 = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (kv_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       start_n, kv_len, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, False, PRECISION)
+    for start_n in range(n_full, kv_len, BLOCK_N):
+        dq = _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       start_n, kv_len, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, True, PRECISION)
+    dq = dq * sm_scale
+    _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh, dq.to(DQ.dtype.element_ty), offs_m, offs_d,
+                stride_dqn, stride_dqd, N_Q, HEAD_DIM, BLOCK_D)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host functions: check inputs and launch
+# ---------------------------------------------------------------------------------------------------------
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_inputs(q, k, v, key_lengths=None):
+    """Raise ValueError/TypeError naming the problem if q, k, v (and key_lengths) cannot go to the kernel."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must have layout [B, H, N, D] (4 dims), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"attention: the Triton kernel supports float16, bfloat16 and float32, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError("attention: q [B, H, Nq, D] and k/v [B, H, Nk, D] must agree on B, H and D, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    d = q.shape[-1]
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim D={d} is not supported by the Triton kernel (1 <= D <= {MAX_HEAD_DIM})")
+    if key_lengths is not None:
+        if not isinstance(key_lengths, torch.Tensor):
+            raise TypeError(f"attention: key_lengths must be an integer tensor of shape [B], got {type(key_lengths).__name__}")
+        if key_lengths.dtype.is_floating_point or key_lengths.dtype.is_complex or key_lengths.dtype == torch.bool:
+            raise TypeError(f"attention: key_lengths must be an integer tensor, got {key_lengths.dtype}")
+        if key_lengths.shape != (q.shape[0],):
+            raise ValueError(f"attention: key_lengths must have shape [B]=({q.shape[0]},), got {tuple(key_lengths.shape)}")
+        if key_lengths.device != q.device:
+            raise ValueError(f"attention: key_lengths is on {key_lengths.device} but q is on {q.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"attention: the Triton kernel needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 "
+                         "before importing triton to run it on the CPU, or use backend='sdpa'")
+
+
+def _launch_params(q, k):
+    d = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(d))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return d, block_d, precision
+
+
+def _kl_arg(key_lengths):
+    if key_lengths is None:
+        return None, False
+    return key_lengths.contiguous(), True
+
+
+def attention_forward(q, k, v, scale=None, key_lengths=None):
+    """Returns (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] float32, natural log; +inf for rows with no keys).
+
+    The output is laid out as [B, Nq, H, D] in memory (a permuted view), so the usual
+    ``out.transpose(1, 2).reshape(B, N, H * D)`` before the projection is free.
+    """
+    check_inputs(q, k, v, key_lengths)
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    d, block_d, precision = _launch_params(q, k)
+    out = torch.empty((B, Nq, H, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("inf") if Nk == 0 else 0.0)
+        return out.zero_(), lse
+    kl, has_kl = _kl_arg(key_lengths)
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+    _attn_fwd_kernel[grid](q, k, v, out, lse, kl, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                           H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk),
+                           HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision)
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, scale=None, key_lengths=None):
+    """Returns (dq, dk, dv), each with the shape and dtype of its input."""
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    d, block_d, precision = _launch_params(q, k)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    kl, has_kl = _kl_arg(key_lengths)
+    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    delta_block = 64 if block_d <= 128 else 32
+    _bwd_delta_kernel[(triton.cdiv(Nq, delta_block) * B * H,)](
+        out, do, delta, *out.stride(), *do.stride(), H, Nq, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=delta_block)
+    grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]) * B * H,)  # noqa: E731
+    _attn_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, kl,
+                                   *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+                                   H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk),
+                                   HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision)
+    grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+    _attn_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, kl,
+                                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                                H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk),
+                                HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision)
+    return dq, dk, dv

@@ -1,0 +1,260 @@
+"""Fused Triton attention (kernels/attention.py) against float64 references, under TRITON_INTERPRET on the CPU.
+
+Tolerance as in flash-attention's tests: the kernel's max error against float64 must be at most twice the
+error of PyTorch's own attention (matmul, softmax, matmul) evaluated in the same dtype, plus a small epsilon.
+"""
+import importlib.util
+
+import pytest
+import torch
+
+from iwm_fast.layers import Attention
+from iwm_fast.ops import attention
+
+F16, F32 = torch.float16, torch.float32
+CUDA = torch.cuda.is_available()
+
+
+def _dev():
+    return "cuda" if CUDA else "cpu"
+
+
+def _math_attention(q, k, v, scale, key_lengths=None):
+    if key_lengths is not None:  # per sample over its own keys; a sample without keys is defined as zeros
+        rows = []
+        for b, n in enumerate(key_lengths.tolist()):
+            kb, vb = k[b:b + 1, :, :n], v[b:b + 1, :, :n]
+            rows.append(_math_attention(q[b:b + 1], kb, vb, scale) if n > 0 else torch.zeros_like(q[b:b + 1]))
+        return torch.cat(rows)
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, -1) @ v
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _inputs(B, H, Nq, Nk, D, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g).to(device, dtype) for n in (Nq, Nk, Nk))
+    do = torch.randn(B, H, Nq, D, generator=g).to(device, dtype)
+    return q, k, v, do
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _check_against_reference(q, k, v, do, out, grads, scale, key_lengths=None):
+    """Kernel's out/grads vs float64, bounded by 2x the error of PyTorch's attention in q's dtype + eps."""
+    ref_in = [_leaf(t.double()) for t in (q, k, v)]
+    ref = _math_attention(*ref_in, scale, key_lengths)
+    ref_grads = torch.autograd.grad(ref, ref_in, do.double())
+    pt_in = [_leaf(t) for t in (q, k, v)]
+    pt = _math_attention(*pt_in, scale, key_lengths)
+    pt_grads = torch.autograd.grad(pt, pt_in, do)
+    # Epsilon: fp32-accumulation noise (the kernels accumulate in fp32), which matters where PyTorch's own
+    # error is exactly 0, e.g. dq = 0 with a single key.
+    eps_unit = 8 * torch.finfo(torch.float32).eps * q.shape[-1] ** 0.5
+    for name, got, lowp, want in [("out", out, pt, ref)] + list(zip(("dq", "dk", "dv"), grads, pt_grads, ref_grads)):
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
+        eps = eps_unit * max(1.0, want.abs().max().item())
+        err, pt_err = _max_err(got, want), _max_err(lowp, want)
+        assert err <= 2 * pt_err + eps, f"{name}: max error {err:.3g} > 2 x PyTorch's {pt_err:.3g} + {eps:.3g}"
+
+
+def _run_triton(q, k, v, do, scale=None, key_lengths=None):
+    leaves = [_leaf(t) for t in (q, k, v)]
+    out = attention(*leaves, scale=scale, key_lengths=key_lengths, backend="triton")
+    out.backward(do)
+    return out.detach(), [t.grad for t in leaves]
+
+
+# Every N in {1, 7, 196, 197, 257}, D in {24, 32, 64, 80}, H in {1, 3} and both dtypes appear, without the
+# full product (the interpreter is slow); also Nq != Nk and the head dims 40, 96, 16 and 256.
+CASES = [
+    (2, 3, 1, 1, 24, F32),
+    (1, 1, 1, 1, 80, F16),
+    (2, 3, 7, 7, 32, F16),
+    (1, 1, 7, 7, 64, F32),
+    (1, 3, 196, 196, 64, F16),
+    (1, 1, 196, 196, 24, F32),
+    (1, 3, 197, 197, 80, F32),
+    (1, 1, 197, 197, 32, F16),
+    (1, 1, 257, 257, 24, F16),
+    (1, 1, 257, 257, 80, F32),
+    (2, 3, 7, 197, 64, F16),
+    (1, 1, 257, 196, 32, F32),
+    (1, 2, 196, 1, 24, F32),
+    (1, 2, 33, 50, 40, F16),
+    (1, 1, 20, 70, 96, F32),
+    (2, 1, 9, 17, 16, F16),
+    (1, 1, 9, 17, 256, F32),
+]
+
+
+@pytest.mark.parametrize("B,H,Nq,Nk,D,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_forward_and_gradients_match_float64(B, H, Nq, Nk, D, dtype):
+    q, k, v, do = _inputs(B, H, Nq, Nk, D, dtype)
+    out, grads = _run_triton(q, k, v, do)
+    assert out.shape == (B, H, Nq, D) and out.dtype == dtype
+    _check_against_reference(q, k, v, do, out, grads, D ** -0.5)
+
+
+def test_custom_scale_and_saved_logsumexp():
+    from iwm_fast.kernels.attention import attention_forward
+
+    q, k, v, do = _inputs(2, 2, 37, 45, 24, F32, seed=1)
+    scale = 0.37
+    out, grads = _run_triton(q, k, v, do, scale=scale)
+    _check_against_reference(q, k, v, do, out, grads, scale)
+    _, lse = attention_forward(q, k, v, scale)
+    want = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * scale, -1)
+    assert _max_err(lse, want) < 1e-5
+
+
+def test_key_lengths_ragged_batch_with_an_empty_row():
+    q, k, v, do = _inputs(4, 2, 50, 70, 32, F32, seed=2)
+    key_lengths = torch.tensor([70, 23, 0, 64])
+    out, grads = _run_triton(q, k, v, do, key_lengths=key_lengths)
+    # A sample with no keys: zeros, never NaN, and zero gradients everywhere in it.
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    for g in grads:
+        assert torch.isfinite(g).all() and torch.equal(g[2], torch.zeros_like(g[2]))
+    # Padded keys get no gradient.
+    dk, dv = grads[1], grads[2]
+    assert dk[1, :, 23:].abs().max() == 0 and dv[1, :, 23:].abs().max() == 0
+    assert dk[3, :, 64:].abs().max() == 0 and dv[3, :, 64:].abs().max() == 0
+    _check_against_reference(q, k, v, do, out, grads, 32 ** -0.5, key_lengths)
+
+
+def test_key_lengths_fp16_with_multiple_tail_blocks():
+    q, k, v, do = _inputs(2, 1, 197, 197, 80, F16, seed=3)
+    key_lengths = torch.tensor([100, 197], dtype=torch.int32)
+    out, grads = _run_triton(q, k, v, do, key_lengths=key_lengths)
+    _check_against_reference(q, k, v, do, out, grads, 80 ** -0.5, key_lengths)
+
+
+def test_sdpa_backend_key_lengths_agrees_on_empty_rows():
+    q, k, v, do = _inputs(3, 2, 11, 13, 24, torch.float64, seed=4)
+    key_lengths = torch.tensor([13, 0, 5])
+    leaves = [_leaf(t) for t in (q, k, v)]
+    out = attention(*leaves, key_lengths=key_lengths, backend="sdpa")
+    out.backward(do)
+    ref_in = [_leaf(t) for t in (q, k, v)]
+    ref = _math_attention(*ref_in, 24 ** -0.5, key_lengths)
+    ref.backward(do)
+    assert _max_err(out, ref) < 1e-12
+    for a, b in zip(leaves, ref_in):
+        assert torch.isfinite(a.grad).all() and _max_err(a.grad, b.grad) < 1e-12
+
+
+def test_non_contiguous_inputs():
+    B, N, H, D = 2, 61, 3, 40
+    g = torch.Generator().manual_seed(5)
+    # q, k from a packed qkv projection (as in the layer); v with a non-unit stride along the head dim.
+    qkv = torch.randn(B, N, 3, H, D, generator=g)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    v = torch.randn(B, H, N, 2 * D, generator=g)[..., ::2]
+    do = torch.randn(B, N, H, D, generator=g).transpose(1, 2)
+    assert not any(t.is_contiguous() for t in (q, k, v, do))
+    out, grads = _run_triton(q, k, v, do)
+    _check_against_reference(q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), out, grads,
+                             D ** -0.5)
+
+
+def test_layer_triton_matches_sdpa_layer():
+    torch.manual_seed(6)
+    fused, plain = Attention(96, num_heads=4, backend="triton"), Attention(96, num_heads=4, backend="sdpa")
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 37, 96)
+    y1, y2 = fused(_leaf(x)), plain(_leaf(x))
+    assert _max_err(y1, y2) < 1e-5
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    for (name, p1), p2 in zip(fused.named_parameters(), plain.parameters()):
+        assert _max_err(p1.grad, p2.grad) < 1e-4 * max(1.0, p2.grad.abs().max().item()), name
+
+
+def test_torch_compile_fullgraph_traces_the_op():
+    torch._dynamo.reset()
+    torch.manual_seed(7)
+    layer = Attention(48, num_heads=2, backend="triton")
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 19, 48)
+    xc, xe = _leaf(x), _leaf(x)
+    yc, ye = compiled(xc), layer(xe)
+    assert _max_err(yc, ye) < 1e-6
+    yc.sum().backward()
+    ye.sum().backward()
+    assert _max_err(xc.grad, xe.grad) < 1e-6
+
+
+def test_opcheck_schema_fake_and_autograd_registration():
+    from iwm_fast.kernels.attention_op import attention_fwd
+
+    q, k, v, _ = _inputs(1, 2, 9, 12, 24, F32, seed=8)
+    args = (_leaf(q), _leaf(k), _leaf(v), 0.2, torch.tensor([7]))
+    torch.library.opcheck(attention_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                           "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: (torch.randn(2, 3, 5, 24), torch.randn(2, 3, 5, 32), torch.randn(2, 3, 5, 32)), ValueError, "agree"),
+    (lambda: (torch.randn(2, 3, 5, 24), torch.randn(1, 3, 5, 24), torch.randn(1, 3, 5, 24)), ValueError, "agree"),
+    (lambda: (torch.randn(2, 3, 5, 24), torch.randn(2, 3, 5, 24), torch.randn(2, 3, 6, 24)), ValueError, "same shape"),
+    (lambda: (torch.randn(3, 5, 24), torch.randn(3, 5, 24), torch.randn(3, 5, 24)), ValueError, "4 dims"),
+    (lambda: (torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8).half(), torch.randn(1, 1, 5, 8)), TypeError, "dtype"),
+    (lambda: (torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8, device="meta"), torch.randn(1, 1, 5, 8)),
+     ValueError, "device"),
+    (lambda: (torch.randn(1, 1, 5, 264),) * 3, ValueError, "head dim"),
+    (lambda: (torch.randn(1, 1, 5, 8, dtype=torch.float64),) * 3, TypeError, "float16"),
+    (lambda: (torch.ones(1, 1, 5, 8, dtype=torch.int32),) * 3, TypeError, "floating-point"),
+])
+def test_bad_input_errors(make, exc, match):
+    with pytest.raises(exc, match=match):
+        attention(*make(), backend="triton")
+
+
+def test_bad_key_lengths_and_backend_errors():
+    q = torch.randn(2, 1, 5, 8)
+    with pytest.raises(ValueError, match=r"shape \[B\]"):
+        attention(q, q, q, key_lengths=torch.tensor([5]), backend="triton")
+    with pytest.raises(TypeError, match="integer"):
+        attention(q, q, q, key_lengths=torch.tensor([5.0, 2.0]), backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        attention(q, q, q, backend="cudnn")
+    for name, module in (("flash_attn", "flash_attn"), ("xformers", "xformers")):
+        if importlib.util.find_spec(module) is None:
+            with pytest.raises(RuntimeError, match=module.replace("_", "[-_]")):
+                attention(q, q, q, backend=name)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 1, 5, 8)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        attention(q, q, q, backend="triton")
+
+
+def test_auto_backend_on_cpu_is_sdpa():
+    q, k, v, _ = _inputs(1, 2, 5, 6, 8, F32, seed=9)
+    assert torch.equal(attention(q, k, v), attention(q, k, v, backend="sdpa"))
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 dots are only exact on a GPU (the interpreter gets them wrong)")
+@pytest.mark.parametrize("B,H,Nq,Nk,D", [(4, 12, 196, 196, 64), (2, 16, 257, 257, 80), (8, 6, 97, 211, 24),
+                                         (2, 4, 1024, 1024, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_matches_float64(B, H, Nq, Nk, D, dtype):
+    q, k, v, do = _inputs(B, H, Nq, Nk, D, dtype, device="cuda", seed=10)
+    out, grads = _run_triton(q, k, v, do)
+    _check_against_reference(q, k, v, do, out, grads, D ** -0.5)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_key_lengths_bf16():
+    q, k, v, do = _inputs(3, 4, 196, 196, 32, torch.bfloat16, device="cuda", seed=11)
+    key_lengths = torch.tensor([196, 50, 0], device="cuda")
+    out, grads = _run_triton(q, k, v, do, key_lengths=key_lengths)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    _check_against_reference(q, k, v, do, out, grads, 32 ** -0.5, key_lengths)
