@@ -16,6 +16,7 @@ Dispatch: CUDA (and CPU under ``TRITON_INTERPRET=1``) runs ``iwm_fast.kernels.em
 parameter count. Other CPU runs use ``torch._foreach`` ops with the same formula. The update is registered
 as the custom op ``iwm_fast::ema_update_`` (mutating its targets) so ``torch.compile`` traces it.
 """
+import numbers
 import os
 from collections import OrderedDict
 from typing import Optional
@@ -97,11 +98,9 @@ def _momentum(momentum, device):
         if device is not None and momentum.device != device:
             raise ValueError(f"ema_update_: momentum is on {momentum.device} but the parameters are on {device}")
         return momentum.detach().reshape(()).to(torch.float32), None
-    try:
-        return None, float(momentum)
-    except (TypeError, ValueError):
-        raise TypeError(f"ema_update_: momentum must be a float or a 0-d tensor, "
-                        f"got {type(momentum).__name__}") from None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"ema_update_: momentum must be a float or a 0-d tensor, got {type(momentum).__name__}")
+    return None, float(momentum)
 
 
 def _tables(kernels, group, device, key_head):

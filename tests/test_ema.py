@@ -1,0 +1,152 @@
+"""Fused EMA against I-JEPA's per-parameter loop (bitwise in fp32, same op order) and the fp32 formula.
+
+The Triton kernel runs under the interpreter on the CPU (conftest sets TRITON_INTERPRET=1); the "torch"
+path is the plain-PyTorch fallback used on the CPU without the interpreter.
+"""
+import pytest
+import torch
+
+from iwm_fast.ops import ema_update_
+
+SIZES = [1, 3, 97, 2047, 2048, 2049, 16384, 16385, 40000]
+
+
+@pytest.fixture(params=["triton", "torch"])
+def path(request, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "triton" else "0")
+    return request.param
+
+
+def ijepa_loop(targets, onlines, m):
+    # I-JEPA's update, written out: for q, k in zip(online, target): k.mul_(m).add_((1 - m) * q.detach())
+    for q, k in zip(onlines, targets):
+        k.mul_(m).add_((1 - m) * q.detach())
+
+
+def fp32_formula(t, o, m):
+    """fl(fl(t*m) + fl(o*(1-m))) in fp32, rounded once to t's dtype (the documented op order)."""
+    return (t.float() * m + o.float() * (1 - m)).to(t.dtype)
+
+
+def make(sizes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g).to(dtype) for n in sizes]
+
+
+def test_fp32_bitwise_matches_ijepa_loop(path):
+    ts, os_ = make(SIZES, torch.float32, 0), make(SIZES, torch.float32, 1)
+    ref = [t.clone() for t in ts]
+    for m in (0.996, 0.9997, 0.5):  # a changing schedule
+        ijepa_loop(ref, os_, m)
+        ema_update_(ts, os_, m)
+    for a, b in zip(ts, ref):
+        assert torch.equal(a, b)
+
+
+def test_large_tensor_over_2_pow_20(path):
+    n = (1 << 20) + 13
+    ts, os_ = make([n, 5], torch.float32, 2), make([n, 5], torch.float32, 3)
+    ref = [t.clone() for t in ts]
+    ijepa_loop(ref, os_, 0.998)
+    ema_update_(ts, os_, 0.998)
+    assert all(torch.equal(a, b) for a, b in zip(ts, ref))
+
+
+@pytest.mark.parametrize("t_dtype,o_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                             (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+def test_low_precision_and_mixed(path, t_dtype, o_dtype):
+    ts, os_ = make(SIZES, t_dtype, 4), make(SIZES, o_dtype, 5)
+    ref = [fp32_formula(t, o, 0.99) for t, o in zip(ts, os_)]
+    ema_update_(ts, os_, 0.99)
+    for a, b in zip(ts, ref):
+        assert a.dtype == t_dtype
+        assert torch.equal(a, b)
+    # and the result is as close to the float64 value as one rounding allows
+    t64 = [(t.double() * 0.99 + o.double() * 0.01) for t, o in zip(make(SIZES, t_dtype, 4), os_)]
+    for a, b in zip(ts, t64):
+        torch.testing.assert_close(a.double(), b, rtol=torch.finfo(t_dtype).eps, atol=1e-6)
+
+
+def test_tensor_momentum_changes_without_host_values(path):
+    ts, os_ = make(SIZES, torch.float32, 6), make(SIZES, torch.float32, 7)
+    ref = [t.clone() for t in ts]
+    m = torch.tensor(0.99)
+    for step in range(3):
+        m.fill_(0.99 + 0.004 * step)  # updated in place, as a schedule on the device would
+        ijepa_loop(ref, os_, m)
+        ema_update_(ts, os_, m)
+    assert all(torch.equal(a, b) for a, b in zip(ts, ref))
+    ema_update_(ts, os_, torch.tensor(0.5, dtype=torch.float64))  # any float dtype, 0-d
+    ijepa_loop(ref, os_, torch.tensor(0.5, dtype=torch.float64).float())
+    assert all(torch.equal(a, b) for a, b in zip(ts, ref))
+
+
+def test_modules_and_dtype_groups_launch_once_each(path, monkeypatch):
+    torch.manual_seed(0)
+    online = torch.nn.Sequential(*[torch.nn.Linear(24, 24) for _ in range(30)], torch.nn.LayerNorm(24))
+    target = torch.nn.Sequential(*[torch.nn.Linear(24, 24) for _ in range(30)], torch.nn.LayerNorm(24))
+    target.requires_grad_(False)
+    ref = [p.detach().clone() for p in target.parameters()]
+    launches = []
+    if path == "triton":
+        import iwm_fast.kernels.ema as ke
+        real = ke.ema_launch
+        monkeypatch.setattr(ke, "ema_launch", lambda *a, **k: launches.append(a[1:3]) or real(*a, **k))
+    ema_update_(target, online, 0.9)
+    ijepa_loop(ref, list(online.parameters()), 0.9)
+    assert all(torch.equal(p, r) for p, r in zip(target.parameters(), ref))
+    if path == "triton":
+        assert len(launches) == 1, f"62 fp32 parameters must take one launch, took {len(launches)}"
+        launches.clear()
+        ts = make([5, 70, 3], torch.float32, 1) + make([9, 4000], torch.bfloat16, 2)
+        ema_update_(ts, [t.clone() for t in ts], 0.5)
+        assert len(launches) == 2  # one per dtype group
+
+
+def test_unaligned_noncontiguous_and_empty(path):
+    g = torch.Generator().manual_seed(8)
+    base_t, base_o = torch.randn(3 * 2050, generator=g), torch.randn(3 * 2050, generator=g)
+    ts = [base_t[1:2050], base_t[2051:4100].view(-1), torch.randn(37, 19, generator=g).t(), torch.empty(0)]
+    os_ = [base_o[1:2050], base_o[2051:4100], torch.randn(19, 37, generator=g), torch.empty(0)]
+    ref = [t.clone() for t in ts]
+    ijepa_loop(ref, os_, 0.97)
+    ema_update_(ts, os_, 0.97)
+    assert all(torch.equal(a, b) for a, b in zip(ts, ref))
+
+
+def test_bad_inputs_raise_clear_errors():
+    a, b = make([3, 4], torch.float32, 0), make([3, 4], torch.float32, 1)
+    with pytest.raises(ValueError, match="target has 2 parameters but online has 1"):
+        ema_update_(a, b[:1], 0.9)
+    with pytest.raises(ValueError, match=r"shape mismatch: target\[1\] is \(4,\) but online\[1\] is \(5,\)"):
+        ema_update_(a, [b[0], torch.randn(5)], 0.9)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        ema_update_(torch.nn.Linear(3, 4), torch.nn.Linear(3, 5), 0.9)
+    with pytest.raises(TypeError, match="floating point"):
+        ema_update_([torch.zeros(3, dtype=torch.long)], [torch.zeros(3, dtype=torch.long)], 0.9)
+    with pytest.raises(ValueError, match="one floating-point value"):
+        ema_update_(a, b, torch.tensor([0.9, 0.9]))
+    with pytest.raises(TypeError, match="momentum must be"):
+        ema_update_(a, b, "0.9")
+    with pytest.raises(TypeError, match="not a tensor"):
+        ema_update_(a, [b[0], 3.0], 0.9)
+
+
+def test_torch_compile_no_recompile_on_momentum(path):
+    torch._dynamo.reset()
+    ts, os_ = make([5, 300], torch.float32, 9), make([5, 300], torch.float32, 10)
+    ref = [t.clone() for t in ts]
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    step = torch.compile(lambda t, o, m: ema_update_(t, o, m), backend=backend, fullgraph=True)
+    m = torch.tensor(0.9)
+    for v in (0.9, 0.95, 0.99):
+        m.fill_(v)
+        step(ts, os_, m)
+        ijepa_loop(ref, os_, m)
+    assert len(frames) == 1, "a changing momentum tensor must not recompile"
+    assert all(torch.equal(a, b) for a, b in zip(ts, ref))
