@@ -196,6 +196,8 @@ def test_shared_module_and_deepcopy():
     report = patch_model(model, backend="sdpa")
     assert report.replaced_paths == ["blocks.0.attn"]
     assert model.blocks[1].attn is model.blocks[0].attn
+    assert patch_model(model).left_alone_reasons == {"blocks.0.attn": "already patched"}
+    assert model.blocks[0].attn.scale == model.blocks[0].attn.original.scale
     target = copy.deepcopy(model)  # I-JEPA builds its target encoder this way
     assert target.blocks[0].attn.qkv is not model.blocks[0].attn.qkv
     assert target.blocks[0].attn.original.qkv is target.blocks[0].attn.qkv
@@ -253,6 +255,13 @@ def test_vjepa_style_attention_is_replaced_and_mask_calls_fall_back():
     assert w is None
     torch.testing.assert_close(y, attn(x)[0], rtol=1e-5, atol=1e-6)
     assert torch.equal(holder[0](x, mask=torch.ones(1))[0], attn(x, mask=torch.ones(1))[0])
+    assert holder[0].use_sdpa is True  # attributes the wrapper lacks read through to the original
+    import io
+    buf = io.BytesIO()
+    torch.save(holder, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded[0](x)[0], y, rtol=0, atol=0)
     attn.proj_drop_prob = 0.1  # V-JEPA hands this to SDPA as attention dropout: not ours to replace
     unpatch_model(holder)
     assert "proj_drop_prob=0.1" in patch_model(holder, backend="sdpa").left_alone_reasons["0"]

@@ -6,6 +6,7 @@ Identity). Anything else (a separate q/v bias, rotary or relative position terms
 attention dropout) leaves the module alone with the reason. A probe then runs the original and the replacement on
 the same random input and refuses the replacement if their outputs differ, so a look-alike is never mis-patched.
 """
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -175,6 +176,17 @@ class PatchedAttention(nn.Module):
     def original(self):
         return self._iwm_original
 
+    def __getattr__(self, name):
+        # Plain attributes the wrapper lacks (timm's fused_attn, V-JEPA's use_sdpa, ...) read through to the
+        # original, so code that inspects the layer keeps working. Dunder and private lookups do not, which
+        # keeps copy/pickle (they probe __setstate__ etc. on a half-built object) from recursing.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or "_iwm_original" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_iwm_original"], name)
+
     def _apply_child(self, name, t):
         child = self._modules.get(name)
         return t if child is None else child(t)
@@ -217,7 +229,9 @@ def probe(original, patched, spec):
     try:
         original.eval()
         patched.training = False
-        with torch.no_grad(), torch.autocast(param.device.type, enabled=False):
+        no_autocast = torch.autocast(param.device.type, enabled=False) if param.device.type in ("cpu", "cuda") \
+            else contextlib.nullcontext()
+        with torch.no_grad(), no_autocast:
             # Two input scales: small logits test the projections, large ones the softmax scale.
             for amplitude in (1.0, 4.0):
                 x = (torch.randn(2, 7, spec.dim, generator=gen) * amplitude).to(param.device, param.dtype)

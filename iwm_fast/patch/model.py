@@ -40,7 +40,10 @@ def patch_model(model, *, attention=True, backend="auto"):
         if id(module) in seen:
             return
         seen.add(id(module))
-        if _is_attention_like(module) and not isinstance(module, PatchedAttention):
+        if isinstance(module, PatchedAttention):
+            report.left_alone.append(ModuleDecision(path, _type_name(module.original), "already patched"))
+            return
+        if _is_attention_like(module):
             try:
                 if module is model:
                     raise Unsupported("the root module cannot be replaced in place; patch its parent")
