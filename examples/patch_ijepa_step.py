@@ -147,9 +147,9 @@ def main(argv=None):
     with torch.no_grad():  # the patched encoder computes what the original did (before training moved it)
         x = torch.randn(2, 3, IMG, IMG, device=device)
         reference_out = reference(x)
-        patch_free = copy.deepcopy(reference)
-        patch_model(patch_free, backend=args.backend)
-        diff = (patch_free(x) - reference_out).abs().max().item()
+        patched_copy = copy.deepcopy(reference)
+        patch_model(patched_copy, backend=args.backend)
+        diff = (patched_copy(x) - reference_out).abs().max().item()
     print(f"patched vs original encoder output: max abs diff {diff:.2e}")
 
 
