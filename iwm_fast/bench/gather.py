@@ -1,0 +1,132 @@
+"""Masked gather (+ fused pos add): achieved GB/s of iwm_fast vs torch.gather, against a device-to-device copy.
+
+Forward bytes: read K*D of x (+ K*D of pos) per row, write K*D, read the indices. Backward bytes: read the
+[R, K, D] gradient, write the [B, N, D] input gradient. The copy reference moves the same number of bytes
+(read + write) in one ``copy_`` in the same run. Index checks are off while timing (``set_index_check``),
+so the numbers are the kernels'; the default host check adds one sync per call.
+"""
+import argparse
+import os
+
+import torch
+
+from . import harness
+
+
+def _cases(device, quick):
+    """(name, B, N, D, K, M, with_pos, expanded_x, dtype)."""
+    if torch.device(device).type != "cuda":
+        return [("tiny-ctx", 2, 16, 32, 8, 1, False, False, torch.float32),
+                ("tiny-maskpos", 2, 16, 32, 4, 2, True, True, torch.float32)]
+    cases = [("vith14-ctx-K64", 128, 256, 1280, 64, 1, True, False, torch.bfloat16),
+             ("vith14-ctx-K128", 128, 256, 1280, 128, 1, True, False, torch.bfloat16),
+             ("vith14-ctx-K200", 128, 256, 1280, 200, 1, True, False, torch.bfloat16),
+             ("vith14-tgt-M4K40", 128, 256, 1280, 40, 4, False, False, torch.bfloat16),
+             ("vitb16-ctx-K100", 128, 196, 768, 100, 1, True, False, torch.bfloat16),
+             ("vith14-pred-maskpos", 128, 256, 384, 40, 4, True, True, torch.bfloat16),
+             ("vith14-ctx-K128-fp32", 128, 256, 1280, 128, 1, True, False, torch.float32)]
+    return cases[:2] if quick else cases
+
+
+def _torch_reference(x, masks, pos):
+    # I-JEPA's apply_masks (index repeated over D, one gather per mask, then cat) plus a separate pos add
+    outs = []
+    for m in masks:
+        i = m.unsqueeze(-1).repeat(1, 1, x.size(-1))
+        o = torch.gather(x, 1, i)
+        if pos is not None:
+            o = o + torch.gather(pos[None].expand(x.shape[0], -1, -1), 1, i)
+        outs.append(o)
+    return torch.cat(outs, 0)
+
+
+def _timed(fn, device):
+    for _ in range(3):  # first calls pay one-time dispatcher / compile costs
+        fn()
+    return harness.time_ms(fn, device)
+
+
+def run(device, quick):
+    dev = torch.device(device)
+    if dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        print("warning: TRITON_INTERPRET=1 on CUDA runs the kernels in the interpreter; unset it to benchmark")
+    from ..ops import gather as G
+
+    meta = harness.metadata(device)
+    rows = []
+    old_mode = G.get_index_check()
+    G.set_index_check("off")
+    try:
+        for name, B, N, D, K, M, with_pos, expanded, dtype in _cases(device, quick):
+            g = torch.Generator(device=dev).manual_seed(0)
+            if expanded:
+                x = torch.randn(1, 1, D, device=dev, dtype=dtype, generator=g).expand(B, N, D)
+            else:
+                x = torch.randn(B, N, D, device=dev, dtype=dtype, generator=g)
+            pos = torch.randn(N, D, device=dev, dtype=dtype, generator=g) if with_pos else None
+            masks = [torch.randint(0, N, (B, K), device=dev, generator=g) for _ in range(M)]
+            es = x.element_size()
+            out_elems = M * B * K * D
+            x_read = 0 if expanded else out_elems  # an expanded x is one row, served from cache
+            fwd_bytes = (x_read + out_elems * (2 if with_pos else 1)) * es + M * B * K * 8
+            bwd_bytes = out_elems * es + B * N * D * es
+            shape = f"{name}:B{B}N{N}D{D}K{K}M{M}"
+
+            copy_src = torch.empty(fwd_bytes // 2 // es, device=dev, dtype=dtype)
+            copy_dst = torch.empty_like(copy_src)
+            t_copy = _timed(lambda: copy_dst.copy_(copy_src), device)
+            copy_gbs = harness.rate(2 * copy_src.numel() * es, t_copy, 1e9)
+            rows.append(harness.row("gather_fwd", "copy", shape, dtype, "GB/s", copy_gbs, meta))
+
+            fwd = {"iwm_fast": lambda: G.apply_masks(x, masks, pos=pos),
+                   "torch.gather": lambda: _torch_reference(x, masks, pos)}
+            for prov, fn in fwd.items():
+                t = _timed(fn, device)
+                gbs = harness.rate(fwd_bytes, t, 1e9)
+                rows.append(harness.row("gather_fwd", prov, shape, dtype, "ms", t, meta))
+                rows.append(harness.row("gather_fwd", prov, shape, dtype, "GB/s", gbs, meta))
+                rows.append(harness.row("gather_fwd", prov, shape, dtype, "fraction_of_copy",
+                                        tuple(a / copy_gbs[0] for a in gbs), meta))
+
+            if expanded:
+                continue
+            idx = torch.stack(masks).reshape(M * B, K)
+            grad = torch.randn(M * B, K, D, device=dev, dtype=dtype, generator=g)
+
+            def torch_bwd():
+                i = idx[..., None].expand(-1, -1, D)
+                z = torch.zeros(M * B, N, D, device=dev, dtype=dtype).scatter_add_(1, i, grad)
+                return z.view(M, B, N, D).sum(0)
+
+            bwd = {"iwm_fast": lambda: G._scatter_op(grad, idx, B, N, True, dtype),
+                   "torch.scatter_add": torch_bwd}
+            for prov, fn in bwd.items():
+                t = _timed(fn, device)
+                gbs = harness.rate(bwd_bytes, t, 1e9)
+                rows.append(harness.row("gather_bwd", prov, shape, dtype, "ms", t, meta))
+                rows.append(harness.row("gather_bwd", prov, shape, dtype, "GB/s", gbs, meta))
+                rows.append(harness.row("gather_bwd", prov, shape, dtype, "fraction_of_copy",
+                                        tuple(a / copy_gbs[0] for a in gbs), meta))
+    finally:
+        G.set_index_check(old_mode)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--csv", default=None)
+    args = p.parse_args(argv)
+    rows = run(args.device, args.quick)
+    print(f"{'kernel':<12}{'shape':<44}{'provider':<20}{'metric':<18}{'median':>10}{'p20':>10}{'p80':>10}")
+    for r in rows:
+        print(f"{r['kernel']:<12}{r['shape']:<44}{r['provider']:<20}{r['metric']:<18}{r['median']:>10.3f}"
+              f"{r['p20']:>10.3f}{r['p80']:>10.3f}")
+    if args.csv:
+        harness.write_csv(rows, args.csv)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
