@@ -33,14 +33,49 @@ void batch_uniforms(uint64_t seed, uint64_t step, double* u_target, double* u_co
 
 namespace {
 
-// Tokens of context c kept after removing the targets (or all of the block when overlap is allowed).
-int64_t context_count(const MaskSpec& s, const int32_t* corners, int64_t c) {
+// Calls fn(n0, len) for each run of context tokens of one row (t, h) of context block cc, in index order:
+// the row of the block minus the target intervals covering that row. Rows, not tokens, keep this cheap.
+template <class Fn>
+void for_each_context_run(const MaskSpec& s, const int32_t* corners, const int32_t* cc, int64_t t, int64_t h,
+                          Fn&& fn) {
+  const int64_t lo = cc[2], hi = cc[2] + s.context.w, row = t * s.H * s.W + h * s.W;
+  int64_t cut[2 * 64];
+  int64_t m = 0;
+  if (!s.allow_overlap) {
+    for (int64_t j = 0; j < s.num_targets; ++j) {
+      const int32_t* tc = corners + 3 * j;
+      if (t < tc[0] || t >= tc[0] + s.target.t || h < tc[1] || h >= tc[1] + s.target.h) continue;
+      const int64_t a = std::max<int64_t>(lo, tc[2]), b = std::min<int64_t>(hi, tc[2] + s.target.w);
+      if (a >= b) continue;
+      if (m == 64) {  // more overlapping targets than the buffer holds: fall back to a per-token scan
+        for (int64_t w = lo; w < hi; ++w)
+          if (!in_any_target(s, corners, t, h, w)) fn(row + w, 1);
+        return;
+      }
+      int64_t i = m++;  // insertion sort by start
+      for (; i > 0 && cut[2 * (i - 1)] > a; --i) cut[2 * i] = cut[2 * (i - 1)], cut[2 * i + 1] = cut[2 * i - 1];
+      cut[2 * i] = a, cut[2 * i + 1] = b;
+    }
+  }
+  int64_t w = lo;
+  for (int64_t i = 0; i < m; ++i) {
+    if (cut[2 * i] > w) fn(row + w, cut[2 * i] - w);
+    w = std::max(w, cut[2 * i + 1]);
+  }
+  if (w < hi) fn(row + w, hi - w);
+}
+
+template <class Fn>
+void for_each_context_run(const MaskSpec& s, const int32_t* corners, int64_t c, Fn&& fn) {
   const int32_t* cc = corners + 3 * (s.num_targets + c);
+  for (int64_t t = cc[0]; t < cc[0] + s.context.t; ++t)
+    for (int64_t h = cc[1]; h < cc[1] + s.context.h; ++h) for_each_context_run(s, corners, cc, t, h, fn);
+}
+
+int64_t context_count(const MaskSpec& s, const int32_t* corners, int64_t c) {
   if (s.allow_overlap) return s.context.size();
   int64_t n = 0;
-  for (int64_t t = cc[0]; t < cc[0] + s.context.t; ++t)
-    for (int64_t h = cc[1]; h < cc[1] + s.context.h; ++h)
-      for (int64_t w = cc[2]; w < cc[2] + s.context.w; ++w) n += !in_any_target(s, corners, t, h, w);
+  for_each_context_run(s, corners, c, [&](int64_t, int64_t len) { n += len; });
   return n;
 }
 
@@ -57,27 +92,50 @@ void sample_layout(const MaskSpec& s, int64_t b, int32_t* corners, int64_t* coun
   *count = -1;
 }
 
+struct Scratch {
+  std::vector<uint32_t> tokens, keys;
+  std::vector<uint64_t> bucket;
+};
+
+// Keeps the `keep` context tokens with the smallest (key, index), as the Python reference and the CUDA kernel,
+// by radix selection on the top key byte: two linear passes instead of a sort.
 void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t c, int64_t keep, int64_t* out,
-                   std::vector<uint64_t>& scratch) {
-  const int32_t* cc = corners + 3 * (s.num_targets + c);
-  const int64_t HW = s.H * s.W;
-  scratch.clear();
-  for (int64_t t = cc[0]; t < cc[0] + s.context.t; ++t)
-    for (int64_t h = cc[1]; h < cc[1] + s.context.h; ++h)
-      for (int64_t w = cc[2]; w < cc[2] + s.context.w; ++w)
-        if (s.allow_overlap || !in_any_target(s, corners, t, h, w)) {
-          const int64_t n = t * HW + h * s.W + w;
-          scratch.push_back((static_cast<uint64_t>(truncation_key(s, b, c, n)) << 32) | static_cast<uint64_t>(n));
-        }
-  const int64_t count = static_cast<int64_t>(scratch.size());
-  if (count > keep) {
-    // Keep the `keep` smallest (key, index) pairs, then restore ascending index order.
-    std::nth_element(scratch.begin(), scratch.begin() + keep, scratch.end());
-    scratch.resize(keep);
-    for (auto& v : scratch) v &= 0xFFFFFFFFull;
-    std::sort(scratch.begin(), scratch.end());
+                   Scratch& sc) {
+  sc.tokens.clear();
+  for_each_context_run(s, corners, c, [&](int64_t n0, int64_t len) {
+    for (int64_t n = n0; n < n0 + len; ++n) sc.tokens.push_back(static_cast<uint32_t>(n));
+  });
+  const int64_t count = static_cast<int64_t>(sc.tokens.size());
+  if (count == keep) {
+    std::copy(sc.tokens.begin(), sc.tokens.end(), out);
+    return;
   }
-  for (int64_t i = 0; i < keep; ++i) out[i] = static_cast<int64_t>(scratch[i] & 0xFFFFFFFFull);
+  // Keys of every quad spanned by the context, in one tight (vectorisable) loop.
+  const int64_t q0 = sc.tokens.front() / 4, q1 = sc.tokens.back() / 4, quads = (s.tokens() + 3) / 4;
+  sc.keys.resize(4 * (q1 - q0 + 1));
+  for (int64_t q = q0; q <= q1; ++q) {
+    const Philox4 r = mask_draw(s.seed, s.step, kStreamTruncate, static_cast<uint32_t>(b),
+                                static_cast<uint32_t>(c * quads + q));
+    uint32_t* k = &sc.keys[4 * (q - q0)];
+    k[0] = r.x, k[1] = r.y, k[2] = r.z, k[3] = r.w;
+  }
+  const uint32_t* key = sc.keys.data() - 4 * q0;
+  int64_t hist[256] = {};
+  for (uint32_t n : sc.tokens) ++hist[key[n] >> 24];
+  int64_t below = 0, top = 0;
+  while (below + hist[top] < keep) below += hist[top++];
+  sc.bucket.clear();
+  for (uint32_t n : sc.tokens)
+    if ((key[n] >> 24) == static_cast<uint32_t>(top)) sc.bucket.push_back((static_cast<uint64_t>(key[n]) << 32) | n);
+  const int64_t need = keep - below;  // 1 <= need <= bucket size
+  std::nth_element(sc.bucket.begin(), sc.bucket.begin() + (need - 1), sc.bucket.end());
+  const uint64_t last = sc.bucket[need - 1];
+  for (uint32_t n : sc.tokens) {
+    const uint32_t k = key[n];
+    if ((k >> 24) < static_cast<uint32_t>(top) ||
+        ((k >> 24) == static_cast<uint32_t>(top) && ((static_cast<uint64_t>(k) << 32) | n) <= last))
+      *out++ = n;
+  }
 }
 
 void write_targets(const MaskSpec& s, const int32_t* corners, int64_t* out) {
@@ -103,8 +161,7 @@ void write_masks_cpu(const MaskSpec& s, const int32_t* corners, int64_t keep, in
   const int64_t stride = 3 * s.num_blocks();
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
   {
-    std::vector<uint64_t> scratch;
-    scratch.reserve(static_cast<size_t>(s.context.size()));
+    Scratch scratch;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < s.batch; ++b) {
       const int32_t* corners_b = corners + b * stride;
