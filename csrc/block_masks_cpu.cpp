@@ -98,43 +98,55 @@ struct Scratch {
 };
 
 // Keeps the `keep` context tokens with the smallest (key, index), as the Python reference and the CUDA kernel,
-// by radix selection on the top key byte: two linear passes instead of a sort.
+// by radix selection on the top key byte: linear passes instead of a sort.
 void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t c, int64_t keep, int64_t* out,
                    Scratch& sc) {
-  sc.tokens.clear();
-  for_each_context_run(s, corners, c, [&](int64_t n0, int64_t len) {
-    for (int64_t n = n0; n < n0 + len; ++n) sc.tokens.push_back(static_cast<uint32_t>(n));
-  });
-  const int64_t count = static_cast<int64_t>(sc.tokens.size());
-  if (count == keep) {
-    std::copy(sc.tokens.begin(), sc.tokens.end(), out);
-    return;
-  }
-  // Keys of every quad spanned by the context, in one tight (vectorisable) loop.
-  const int64_t q0 = sc.tokens.front() / 4, q1 = sc.tokens.back() / 4, quads = (s.tokens() + 3) / 4;
-  sc.keys.resize(4 * (q1 - q0 + 1));
+  const int32_t* cc = corners + 3 * (s.num_targets + c);
+  const int64_t HW = s.H * s.W;
+  const int64_t first = cc[0] * HW + cc[1] * s.W + cc[2];
+  const int64_t last_n = (cc[0] + s.context.t - 1) * HW + (cc[1] + s.context.h - 1) * s.W + cc[2] + s.context.w - 1;
+  // Keys of every quad spanned by the context block, in one tight (vectorisable) loop.
+  const int64_t q0 = first / 4, q1 = last_n / 4, quads = (s.tokens() + 3) / 4;
+  sc.keys.resize(static_cast<size_t>(4 * (q1 - q0 + 1)));
   for (int64_t q = q0; q <= q1; ++q) {
     const Philox4 r = mask_draw(s.seed, s.step, kStreamTruncate, static_cast<uint32_t>(b),
                                 static_cast<uint32_t>(c * quads + q));
-    uint32_t* k = &sc.keys[4 * (q - q0)];
+    uint32_t* k = &sc.keys[static_cast<size_t>(4 * (q - q0))];
     k[0] = r.x, k[1] = r.y, k[2] = r.z, k[3] = r.w;
   }
   const uint32_t* key = sc.keys.data() - 4 * q0;
+  // Context tokens in index order, with a histogram of their keys' top byte.
   int64_t hist[256] = {};
-  for (uint32_t n : sc.tokens) ++hist[key[n] >> 24];
+  sc.tokens.resize(static_cast<size_t>(s.context.size()));
+  int64_t count = 0;
+  for_each_context_run(s, corners, c, [&](int64_t n0, int64_t len) {
+    uint32_t* dst = sc.tokens.data() + count;
+    for (int64_t i = 0; i < len; ++i) {
+      dst[i] = static_cast<uint32_t>(n0 + i);
+      ++hist[key[n0 + i] >> 24];
+    }
+    count += len;
+  });
+  if (count == keep) {
+    std::copy(sc.tokens.begin(), sc.tokens.begin() + count, out);
+    return;
+  }
   int64_t below = 0, top = 0;
   while (below + hist[top] < keep) below += hist[top++];
   sc.bucket.clear();
-  for (uint32_t n : sc.tokens)
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t n = sc.tokens[static_cast<size_t>(i)];
     if ((key[n] >> 24) == static_cast<uint32_t>(top)) sc.bucket.push_back((static_cast<uint64_t>(key[n]) << 32) | n);
+  }
   const int64_t need = keep - below;  // 1 <= need <= bucket size
   std::nth_element(sc.bucket.begin(), sc.bucket.begin() + (need - 1), sc.bucket.end());
-  const uint64_t last = sc.bucket[need - 1];
-  for (uint32_t n : sc.tokens) {
-    const uint32_t k = key[n];
-    if ((k >> 24) < static_cast<uint32_t>(top) ||
-        ((k >> 24) == static_cast<uint32_t>(top) && ((static_cast<uint64_t>(k) << 32) | n) <= last))
-      *out++ = n;
+  // Kept iff (key, index) <= the keep-th smallest pair. Branch-free: the decision is a coin flip per token.
+  const uint64_t cut = sc.bucket[static_cast<size_t>(need - 1)];
+  int64_t kept = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t n = sc.tokens[static_cast<size_t>(i)];
+    out[kept] = n;
+    kept += static_cast<int64_t>(((static_cast<uint64_t>(key[n]) << 32) | n) <= cut);
   }
 }
 
