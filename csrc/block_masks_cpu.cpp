@@ -143,7 +143,7 @@ void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t
   // Kept iff (key, index) <= the keep-th smallest pair. Branch-free: the decision is a coin flip per token.
   const uint64_t cut = sc.bucket[static_cast<size_t>(need - 1)];
   int64_t kept = 0;
-  for (int64_t i = 0; i < count; ++i) {
+  for (int64_t i = 0; i < count && kept < keep; ++i) {  // kept < keep: never write past the row
     const uint32_t n = sc.tokens[static_cast<size_t>(i)];
     out[kept] = n;
     kept += static_cast<int64_t>(((static_cast<uint64_t>(key[n]) << 32) | n) <= cut);
