@@ -10,12 +10,18 @@ from .extents import Extent
 from .philox import STREAM_LAYOUT, STREAM_TRUNCATE, below, mask_draw
 
 
-def _membership(corner: torch.Tensor, ext: Extent, coords) -> torch.Tensor:
-    """Tokens inside blocks. corner [..., 3] (t, h, w) -> bool [..., N]."""
-    tt, hh, ww = coords
-    c = corner.unsqueeze(-2)
-    return ((tt >= c[..., 0]) & (tt < c[..., 0] + ext.t) & (hh >= c[..., 1]) & (hh < c[..., 1] + ext.h)
-            & (ww >= c[..., 2]) & (ww < c[..., 2] + ext.w))
+def _membership(corner: torch.Tensor, ext: Extent, grid3) -> torch.Tensor:
+    """Tokens inside blocks. corner [..., 3] (t, h, w) -> bool [..., N].
+
+    Built as the outer product of per-axis ranges (T + H + W comparisons, not 6 N).
+    """
+    axes = []
+    for d, (side, e) in enumerate(zip(grid3, ext)):
+        r = torch.arange(side, device=corner.device)
+        c = corner[..., d, None]
+        axes.append((r >= c) & (r < c + e))
+    t, h, w = axes
+    return (t[..., :, None, None] & h[..., None, :, None] & w[..., None, None, :]).flatten(-3)
 
 
 def _corners(seed, step, samples, attempt, num_blocks, num_targets, grid3, target, context, device):
@@ -35,7 +41,6 @@ def sample_block_masks_python(batch_size, grid3, num_targets, num_contexts, targ
     T, H, W = grid3
     N = T * H * W
     n = torch.arange(N, device=device)
-    coords = (n // (H * W), (n // W) % H, n % W)
     nb = num_targets + num_contexts
     corners = torch.empty(batch_size, nb, 3, dtype=torch.long, device=device)
     counts = torch.full((batch_size,), -1, dtype=torch.long, device=device)
@@ -43,9 +48,9 @@ def sample_block_masks_python(batch_size, grid3, num_targets, num_contexts, targ
     pending = torch.arange(batch_size, device=device)
     for attempt in range(max_tries):
         cor = _corners(seed, step, pending, attempt, nb, num_targets, grid3, target, context, device)
-        ctx = _membership(cor[:, num_targets:], context, coords)  # [S, C, N]
+        ctx = _membership(cor[:, num_targets:], context, grid3)  # [S, C, N]
         if not allow_overlap:
-            ctx &= ~_membership(cor[:, :num_targets], target, coords).any(1, keepdim=True)
+            ctx &= ~_membership(cor[:, :num_targets], target, grid3).any(1, keepdim=True)
         least = ctx.sum(-1).amin(-1)
         ok = least >= min_keep
         done = pending[ok]
