@@ -66,40 +66,50 @@ def _cfg(block_a, block_b, warps, stages, names):
     return triton.Config({names[0]: block_a, names[1]: block_b}, num_warps=warps, num_stages=stages)
 
 
-# (rows of the program's own tile, rows of the tile it streams over, num_warps, num_stages)
-_FWD_SPACE = [(32, 32, 2, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3),
-              (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
-_BWD_SPACE = [(32, 32, 2, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3),
-              (128, 64, 8, 2)]
+# Config spaces by padded head dim (BLOCK_D <= 64, == 128, == 256), as (rows of the program's own tile, rows
+# of the tile it streams over, num_warps, num_stages). Chosen from ptxas register/spill reports for sm_90:
+# at BLOCK_D = 128 and 256 the 2/4-warp tiles spill, so those spaces use more warps per tile or smaller tiles.
+_FWD_SPACES = {
+    64: [(32, 32, 2, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3),
+         (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
+    128: [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3)],
+    256: [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+}
+# dK/dV kernel: (key rows, query rows per step, ...); dQ kernel: (query rows, key rows per step, ...).
+_BWD_SPACES = {
+    64: [(32, 32, 2, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2)],
+    128: [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3)],
+    256: [(32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 8, 1)],
+}
 # One config for the interpreter: 64-row tiles keep the number of (slow, Python-level) programs low and
 # 32-row streamed tiles make 196/197/257-token tests cross several full blocks plus a masked tail.
 _INTERP = (64, 32, 4, 1)
 
 
-def _configs(space, names):
+def _space_for(spaces, block_d):
+    return spaces[min(k for k in spaces if k >= block_d)]
+
+
+def _configs(spaces, names):
     if _interpreting():
         return [_cfg(*_INTERP, names)]
-    return [_cfg(*c, names) for c in space]
+    union = sorted({c for space in spaces.values() for c in space})
+    return [_cfg(*c, names) for c in union]
 
 
-def _prune(own_rows_key, streamed_rows_key, own_name, streamed_name):
-    """Drop tiles far larger than the sequence and tiles that cannot fit shared memory / registers."""
+def _prune(spaces, own_rows_key, streamed_rows_key, own_name, streamed_name):
+    """Keep the configs of this head dim's space whose tiles are not far larger than the sequence."""
 
     def prune(configs, named_args, **kwargs):
+        if len(configs) == 1:
+            return configs
         n_own = named_args[own_rows_key]
         n_streamed = named_args[streamed_rows_key]
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-        kept = []
-        for c in configs:
-            own, streamed = c.kwargs[own_name], c.kwargs[streamed_name]
-            if own > max(32, n_own) or streamed > max(32, n_streamed):
-                continue
-            if block_d >= 256 and (own > 64 or streamed > 64 or c.num_stages > 2):
-                continue
-            if block_d >= 128 and own >= 128 and streamed >= 128:
-                continue
-            kept.append(c)
-        return kept or [configs[0]]
+        allowed = set(_space_for(spaces, kwargs["BLOCK_D"]))
+        kept = [c for c in configs
+                if (c.kwargs[own_name], c.kwargs[streamed_name], c.num_warps, c.num_stages) in allowed]
+        small = [c for c in kept if c.kwargs[own_name] <= max(32, n_own) and c.kwargs[streamed_name] <= max(32, n_streamed)]
+        return small or kept
 
     return prune
 
@@ -167,8 +177,8 @@ def _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, st
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=_configs(_FWD_SPACE, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
-                 prune_configs_by={"early_config_prune": _prune("N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")})
+@triton.autotune(configs=_configs(_FWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": _prune(_FWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")})
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
                      stride_qb, stride_qh, stride_qn, stride_qd,
@@ -273,8 +283,8 @@ def _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base,
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_BWD_SPACE, ("BLOCK_N", "BLOCK_M")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
-                 prune_configs_by={"early_config_prune": _prune("N_K_KEY", "N_Q_KEY", "BLOCK_N", "BLOCK_M")})
+@triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_N", "BLOCK_M")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": _prune(_BWD_SPACES, "N_K_KEY", "N_Q_KEY", "BLOCK_N", "BLOCK_M")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
                           stride_qb, stride_qh, stride_qn, stride_qd,
@@ -345,8 +355,8 @@ def _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stri
     return dq
 
 
-@triton.autotune(configs=_configs(_BWD_SPACE, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
-                 prune_configs_by={"early_config_prune": _prune("N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")})
+@triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": _prune(_BWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")})
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KL,
                         stride_qb, stride_qh, stride_qn, stride_qd,
