@@ -1,9 +1,9 @@
 """Fused non-causal attention (FlashAttention-2 algorithm) in Triton, tuned for short ViT sequences.
 
 Layout is [B, H, N, D] with arbitrary strides. Forward: online softmax over key blocks, fp32 accumulation,
-saves the natural-log log-sum-exp (LSE) per query row. Backward: a preprocess computes
-delta = rowsum(dO * O), then one kernel walks query blocks for each key block (dK, dV) and another walks
-key blocks for each query block (dQ), so nothing needs atomics.
+saves the natural-log log-sum-exp (LSE) per query row. Backward: one kernel walks key blocks for each
+query block (dQ; it also computes delta = rowsum(dO * O), the preprocess of FlashAttention-2), then another
+walks query blocks for each key block (dK, dV), so nothing needs atomics.
 
 Shapes handled without caller padding: any Nq and Nk (tails masked), head dims 16..256 (padded inside the
 kernel to the next power of two with masked loads), optional per-sample key lengths (keys at index
@@ -108,10 +108,16 @@ def _prune(spaces, own_rows_key, streamed_rows_key, own_name, streamed_name):
         allowed = set(_space_for(spaces, kwargs["BLOCK_D"]))
         kept = [c for c in configs
                 if (c.kwargs[own_name], c.kwargs[streamed_name], c.num_warps, c.num_stages) in allowed]
-        small = [c for c in kept if c.kwargs[own_name] <= max(32, n_own) and c.kwargs[streamed_name] <= max(32, n_streamed)]
+        small = [c for c in kept
+                 if c.kwargs[own_name] <= max(32, n_own) and c.kwargs[streamed_name] <= max(32, n_streamed)]
         return small or kept
 
     return prune
+
+
+_PRUNE_FWD = _prune(_FWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")
+_PRUNE_DKDV = _prune(_BWD_SPACES, "N_K_KEY", "N_Q_KEY", "BLOCK_N", "BLOCK_M")
+_PRUNE_DQ = _prune(_BWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,9 +125,9 @@ def _prune(spaces, own_rows_key, streamed_rows_key, own_name, streamed_name):
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, ALIGN: tl.constexpr):
     """Load a [rows, BLOCK_D] tile; padded head-dim columns and (if MASK_ROWS) rows >= n_rows read 0."""
-    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    ptrs = base + tl.multiple_of(offs_r * stride_r, ALIGN)[:, None] + offs_d[None, :] * stride_d
     if MASK_ROWS:
         if HEAD_DIM == BLOCK_D:
             tile = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
@@ -137,12 +143,19 @@ def _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows,
 
 @triton.jit
 def _store_rows(base, tile, offs_r, offs_d, stride_r, stride_d, n_rows,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+    ptrs = base + tl.multiple_of(offs_r * stride_r, ALIGN)[:, None] + offs_d[None, :] * stride_d
     if HEAD_DIM == BLOCK_D:
         tl.store(ptrs, tile, mask=offs_r[:, None] < n_rows)
     else:
         tl.store(ptrs, tile, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _head(ptr, b64, h64, stride_b, stride_h, ALIGN: tl.constexpr):
+    """Pointer to the [N, D] matrix of (batch, head); ALIGN (host-checked) lets loads vectorize when the
+    row strides are multiples of 8 but not of 16 elements (D = 24, 40), which Triton cannot infer."""
+    return ptr + tl.multiple_of(b64 * stride_b + h64 * stride_h, ALIGN)
 
 
 @triton.jit
@@ -160,10 +173,11 @@ def _key_length(KL, b, N_K, HAS_KL: tl.constexpr):
 @triton.jit
 def _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n, kv_len, qk_scale,
                m_i, l_i, acc, offs_n, offs_d,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+               ALIGN: tl.constexpr):
     cols = start_n + offs_n
-    k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, kv_len, HEAD_DIM, BLOCK_D, MASK_N)
-    v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, kv_len, HEAD_DIM, BLOCK_D, MASK_N)
+    k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, kv_len, HEAD_DIM, BLOCK_D, MASK_N, ALIGN)
+    v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, kv_len, HEAD_DIM, BLOCK_D, MASK_N, ALIGN)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASK_N:
         s = tl.where(cols[None, :] < kv_len, s, float("-inf"))
@@ -178,7 +192,7 @@ def _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, st
 
 
 @triton.autotune(configs=_configs(_FWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
-                 prune_configs_by={"early_config_prune": _prune(_FWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")})
+                 prune_configs_by={"early_config_prune": _PRUNE_FWD})
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
                      stride_qb, stride_qh, stride_qn, stride_qd,
@@ -187,7 +201,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
                      stride_ob, stride_oh, stride_on, stride_od,
                      H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Query blocks of one (batch, head) are adjacent in launch order so they share K/V in L2; a flat grid
     # avoids the 65535 limit on grid axis 1 for large B*H.
     pid = tl.program_id(0)
@@ -198,16 +212,16 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
     h = bh % H
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
-    o_base = O + b64 * stride_ob + h64 * stride_oh
+    q_base = _head(Q, b64, h64, stride_qb, stride_qh, ALIGN)
+    k_base = _head(K, b64, h64, stride_kb, stride_kh, ALIGN)
+    v_base = _head(V, b64, h64, stride_vb, stride_vh, ALIGN)
+    o_base = _head(O, b64, h64, stride_ob, stride_oh, ALIGN)
     kv_len = _key_length(KL, b, N_K, HAS_KL)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_base, offs_m, offs_d, stride_qn, stride_qd, N_Q, HEAD_DIM, BLOCK_D, True)
+    q = _load_rows(q_base, offs_m, offs_d, stride_qn, stride_qd, N_Q, HEAD_DIM, BLOCK_D, True, ALIGN)
     qk_scale = sm_scale * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -217,18 +231,18 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc = _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n,
                                    kv_len, qk_scale, m_i, l_i, acc, offs_n, offs_d,
-                                   HEAD_DIM, BLOCK_D, False, PRECISION)
+                                   HEAD_DIM, BLOCK_D, False, PRECISION, ALIGN)
     for start_n in range(n_full, kv_len, BLOCK_N):  # at most one masked tail block
         m_i, l_i, acc = _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n,
                                    kv_len, qk_scale, m_i, l_i, acc, offs_n, offs_d,
-                                   HEAD_DIM, BLOCK_D, True, PRECISION)
+                                   HEAD_DIM, BLOCK_D, True, PRECISION, ALIGN)
 
     # A row with no keys (kv_len == 0) has l_i == 0: output zeros and LSE = +inf, which makes the
     # backward's probabilities exp(s - inf) = 0, hence zero gradients instead of NaN.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    _store_rows(o_base, out.to(O.dtype.element_ty), offs_m, offs_d, stride_on, stride_od, N_Q, HEAD_DIM, BLOCK_D)
+    _store_rows(o_base, out.to(O.dtype.element_ty), offs_m, offs_d, stride_on, stride_od, N_Q, HEAD_DIM, BLOCK_D, ALIGN)
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
@@ -237,35 +251,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
 # Backward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA,
-                      stride_ob, stride_oh, stride_on, stride_od,
-                      stride_dob, stride_doh, stride_don, stride_dod,
-                      H, N_Q,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(N_Q, BLOCK_M)
-    pid_m = pid % n_m
-    bh = pid // n_m
-    b64 = (bh // H).to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b64 * stride_ob + h64 * stride_oh, offs_m, offs_d, stride_on, stride_od, N_Q,
-                   HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh, offs_m, offs_d, stride_don, stride_dod, N_Q,
-                    HEAD_DIM, BLOCK_D, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
-
-
-@triton.jit
 def _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base,
                 stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid,
                 offs_m, offs_d,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
+                ALIGN: tl.constexpr):
     rows = start_m + offs_m
-    q = _load_rows(q_base, rows, offs_d, stride_qn, stride_qd, N_Q, HEAD_DIM, BLOCK_D, MASK_M)
-    do = _load_rows(do_base, rows, offs_d, stride_don, stride_dod, N_Q, HEAD_DIM, BLOCK_D, MASK_M)
+    q = _load_rows(q_base, rows, offs_d, stride_qn, stride_qd, N_Q, HEAD_DIM, BLOCK_D, MASK_M, ALIGN)
+    do = _load_rows(do_base, rows, offs_d, stride_don, stride_dod, N_Q, HEAD_DIM, BLOCK_D, MASK_M, ALIGN)
     if MASK_M:
         # Padded query rows get LSE = +inf, so their probabilities (and contributions) are exactly 0.
         lse = tl.load(lse_base + rows, mask=rows < N_Q, other=float("inf"))
@@ -284,7 +277,7 @@ def _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base,
 
 
 @triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_N", "BLOCK_M")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
-                 prune_configs_by={"early_config_prune": _prune(_BWD_SPACES, "N_K_KEY", "N_Q_KEY", "BLOCK_N", "BLOCK_M")})
+                 prune_configs_by={"early_config_prune": _PRUNE_DKDV})
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
                           stride_qb, stride_qh, stride_qn, stride_qd,
@@ -295,7 +288,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
                           stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                           H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
-                          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                          PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
     n_n = tl.cdiv(N_K, BLOCK_N)
     pid_n = pid % n_n
@@ -308,13 +301,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b64 * stride_kb + h64 * stride_kh, offs_n, offs_d, stride_kn, stride_kd, N_K,
-                   HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + b64 * stride_vb + h64 * stride_vh, offs_n, offs_d, stride_vn, stride_vd, N_K,
-                   HEAD_DIM, BLOCK_D, True)
+    k = _load_rows(_head(K, b64, h64, stride_kb, stride_kh, ALIGN), offs_n, offs_d, stride_kn, stride_kd, N_K,
+                   HEAD_DIM, BLOCK_D, True, ALIGN)
+    v = _load_rows(_head(V, b64, h64, stride_vb, stride_vh, ALIGN), offs_n, offs_d, stride_vn, stride_vd, N_K,
+                   HEAD_DIM, BLOCK_D, True, ALIGN)
     key_valid = offs_n < kv_len
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
-    do_base = DO + b64 * stride_dob + h64 * stride_doh
+    q_base = _head(Q, b64, h64, stride_qb, stride_qh, ALIGN)
+    do_base = _head(DO, b64, h64, stride_dob, stride_doh, ALIGN)
     lse_base = LSE + bh.to(tl.int64) * N_Q
     delta_base = DELTA + bh.to(tl.int64) * N_Q
     qk_scale = sm_scale * 1.4426950408889634
@@ -327,25 +320,26 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
                              stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid, offs_m, offs_d,
-                             HEAD_DIM, BLOCK_D, False, PRECISION)
+                             HEAD_DIM, BLOCK_D, False, PRECISION, ALIGN)
     for start_m in range(m_full, q_stop, BLOCK_M):
         dk, dv = _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
                              stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid, offs_m, offs_d,
-                             HEAD_DIM, BLOCK_D, True, PRECISION)
+                             HEAD_DIM, BLOCK_D, True, PRECISION, ALIGN)
     dk = dk * sm_scale
-    _store_rows(DK + b64 * stride_dkb + h64 * stride_dkh, dk.to(DK.dtype.element_ty), offs_n, offs_d,
-                stride_dkn, stride_dkd, N_K, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + b64 * stride_dvb + h64 * stride_dvh, dv.to(DV.dtype.element_ty), offs_n, offs_d,
-                stride_dvn, stride_dvd, N_K, HEAD_DIM, BLOCK_D)
+    _store_rows(_head(DK, b64, h64, stride_dkb, stride_dkh, ALIGN), dk.to(DK.dtype.element_ty), offs_n, offs_d,
+                stride_dkn, stride_dkd, N_K, HEAD_DIM, BLOCK_D, ALIGN)
+    _store_rows(_head(DV, b64, h64, stride_dvb, stride_dvh, ALIGN), dv.to(DV.dtype.element_ty), offs_n, offs_d,
+                stride_dvn, stride_dvd, N_K, HEAD_DIM, BLOCK_D, ALIGN)
 
 
 @triton.jit
 def _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               start_n, kv_len, qk_scale, offs_n, offs_d,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr):
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+              ALIGN: tl.constexpr):
     cols = start_n + offs_n
-    k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, kv_len, HEAD_DIM, BLOCK_D, MASK_N)
-    v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, kv_len, HEAD_DIM, BLOCK_D, MASK_N)
+    k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, kv_len, HEAD_DIM, BLOCK_D, MASK_N, ALIGN)
+    v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, kv_len, HEAD_DIM, BLOCK_D, MASK_N, ALIGN)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     # Keys past kv_len were loaded as zero rows, so their (nonzero) p contributes ds * 0 to dq: no mask needed.
     p = tl.exp2(s * qk_scale - lse2[:, None])
@@ -356,17 +350,18 @@ def _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stri
 
 
 @triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
-                 prune_configs_by={"early_config_prune": _prune(_BWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")})
+                 prune_configs_by={"early_config_prune": _PRUNE_DQ})
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KL,
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
                         stride_qb, stride_qh, stride_qn, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
+                        stride_ob, stride_oh, stride_on, stride_od,
                         stride_dob, stride_doh, stride_don, stride_dod,
                         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
                         H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     n_m = tl.cdiv(N_Q, BLOCK_M)
     pid_m = pid % n_m
@@ -379,28 +374,33 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KL,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, offs_m, offs_d, stride_qn, stride_qd, N_Q,
-                   HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh, offs_m, offs_d, stride_don, stride_dod, N_Q,
-                    HEAD_DIM, BLOCK_D, True)
+    q = _load_rows(_head(Q, b64, h64, stride_qb, stride_qh, ALIGN), offs_m, offs_d, stride_qn, stride_qd, N_Q,
+                   HEAD_DIM, BLOCK_D, True, ALIGN)
+    do = _load_rows(_head(DO, b64, h64, stride_dob, stride_doh, ALIGN), offs_m, offs_d, stride_don, stride_dod, N_Q,
+                    HEAD_DIM, BLOCK_D, True, ALIGN)
     row_ok = offs_m < N_Q
     lse2 = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
+    # delta = rowsum(dO * O), the softmax-backward correction. This kernel runs first and already holds dO,
+    # so it computes delta here (saving a launch and a pass over dO) and stores it for the dK/dV kernel.
+    o = _load_rows(_head(O, b64, h64, stride_ob, stride_oh, ALIGN), offs_m, offs_d, stride_on, stride_od, N_Q,
+                   HEAD_DIM, BLOCK_D, True, ALIGN)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=row_ok)
+    k_base = _head(K, b64, h64, stride_kb, stride_kh, ALIGN)
+    v_base = _head(V, b64, h64, stride_vb, stride_vh, ALIGN)
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (kv_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       start_n, kv_len, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, False, PRECISION)
+                       start_n, kv_len, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, False, PRECISION, ALIGN)
     for start_n in range(n_full, kv_len, BLOCK_N):
         dq = _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       start_n, kv_len, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, True, PRECISION)
+                       start_n, kv_len, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, True, PRECISION, ALIGN)
     dq = dq * sm_scale
-    _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh, dq.to(DQ.dtype.element_ty), offs_m, offs_d,
-                stride_dqn, stride_dqd, N_Q, HEAD_DIM, BLOCK_D)
+    _store_rows(_head(DQ, b64, h64, stride_dqb, stride_dqh, ALIGN), dq.to(DQ.dtype.element_ty), offs_m, offs_d,
+                stride_dqn, stride_dqd, N_Q, HEAD_DIM, BLOCK_D, ALIGN)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -432,11 +432,13 @@ def check_inputs(q, k, v, key_lengths=None):
         raise ValueError(f"attention: head dim D={d} is not supported by the Triton kernel (1 <= D <= {MAX_HEAD_DIM})")
     if key_lengths is not None:
         if not isinstance(key_lengths, torch.Tensor):
-            raise TypeError(f"attention: key_lengths must be an integer tensor of shape [B], got {type(key_lengths).__name__}")
+            raise TypeError("attention: key_lengths must be an integer tensor of shape [B], "
+                            f"got {type(key_lengths).__name__}")
         if key_lengths.dtype.is_floating_point or key_lengths.dtype.is_complex or key_lengths.dtype == torch.bool:
             raise TypeError(f"attention: key_lengths must be an integer tensor, got {key_lengths.dtype}")
         if key_lengths.shape != (q.shape[0],):
-            raise ValueError(f"attention: key_lengths must have shape [B]=({q.shape[0]},), got {tuple(key_lengths.shape)}")
+            raise ValueError(f"attention: key_lengths must have shape [B]=({q.shape[0]},), "
+                             f"got {tuple(key_lengths.shape)}")
         if key_lengths.device != q.device:
             raise ValueError(f"attention: key_lengths is on {key_lengths.device} but q is on {q.device}")
     if q.device.type != "cuda" and not _interpreting():
@@ -449,6 +451,19 @@ def _launch_params(q, k):
     block_d = max(16, triton.next_power_of_2(d))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     return d, block_d, precision
+
+
+def _row_align(*tensors):
+    """Largest power of two (<= 16) dividing every batch/head/row stride, in elements (1 if any head dim is
+    strided, where nothing vectorizes anyway). The kernels pass it to tl.multiple_of."""
+    align = 16
+    for t in tensors:
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            return 1
+        for s in t.stride()[:-1]:
+            while align > 1 and s % align:
+                align //= 2
+    return align
 
 
 def _kl_arg(key_lengths):
@@ -474,10 +489,11 @@ def attention_forward(q, k, v, scale=None, key_lengths=None):
         lse.fill_(float("inf") if Nk == 0 else 0.0)
         return out.zero_(), lse
     kl, has_kl = _kl_arg(key_lengths)
+    align = _row_align(q, k, v, out)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_fwd_kernel[grid](q, k, v, out, lse, kl, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                            H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk),
-                           HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision)
+                           HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision, ALIGN=align)
     return out, lse
 
 
@@ -495,18 +511,17 @@ def attention_backward(do, q, k, v, out, lse, scale=None, key_lengths=None):
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
     kl, has_kl = _kl_arg(key_lengths)
+    align = _row_align(q, k, v, out, do, dq, dk, dv)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    delta_block = 64 if block_d <= 128 else 32
-    _bwd_delta_kernel[(triton.cdiv(Nq, delta_block) * B * H,)](
-        out, do, delta, *out.stride(), *do.stride(), H, Nq, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=delta_block)
+    # dQ first: it also writes delta, which the dK/dV kernel reads.
+    grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+    _attn_bwd_dq_kernel[grid_q](q, k, v, out, do, lse, delta, dq, kl,
+                                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
+                                H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk),
+                                HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision, ALIGN=align)
     grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]) * B * H,)  # noqa: E731
     _attn_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, kl,
                                    *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
                                    H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk),
-                                   HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision)
-    grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-    _attn_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, kl,
-                                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                                H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk),
-                                HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision)
+                                   HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision, ALIGN=align)
     return dq, dk, dv
