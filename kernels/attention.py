@@ -13,6 +13,7 @@ Autotuning: small tiles (32/64 rows) are in the config space because at N <= 256
 most of its rows masked (196 tokens = 1.53 tiles of 128), and head dims 24..80 make each tile's dots cheap,
 so more, smaller programs keep an H100's SMs busy. The key is (power-of-two bucket of Nq, of Nk, head dim)
 plus the dtypes (Triton adds those), so the predictor's varying sequence lengths do not retune every step.
+Tuning results are cached on disk (Triton's cache_results), so a new process does not re-benchmark.
 Under TRITON_INTERPRET there is one config per kernel: the interpreter would otherwise run every config.
 """
 import math
@@ -192,6 +193,7 @@ def _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, st
 
 
 @triton.autotune(configs=_configs(_FWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
+                 cache_results=True,
                  prune_configs_by={"early_config_prune": _PRUNE_FWD})
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
@@ -277,6 +279,7 @@ def _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base,
 
 
 @triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_N", "BLOCK_M")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
+                 cache_results=True,
                  prune_configs_by={"early_config_prune": _PRUNE_DKDV})
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
@@ -350,6 +353,7 @@ def _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stri
 
 
 @triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
+                 cache_results=True,
                  prune_configs_by={"early_config_prune": _PRUNE_DQ})
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
