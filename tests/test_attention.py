@@ -244,11 +244,27 @@ def test_auto_backend_on_cpu_is_sdpa():
 @pytest.mark.skipif(not CUDA, reason="bf16 dots are only exact on a GPU (the interpreter gets them wrong)")
 @pytest.mark.parametrize("B,H,Nq,Nk,D", [(4, 12, 196, 196, 64), (2, 16, 257, 257, 80), (8, 6, 97, 211, 24),
                                          (2, 4, 1024, 1024, 32)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_low_precision_matches_float64(B, H, Nq, Nk, D, dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_matches_float64(B, H, Nq, Nk, D, dtype):
     q, k, v, do = _inputs(B, H, Nq, Nk, D, dtype, device="cuda", seed=10)
     out, grads = _run_triton(q, k, v, do)
     _check_against_reference(q, k, v, do, out, grads, D ** -0.5)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("D", [24, 40, 64])
+def test_cuda_packed_and_unaligned_strides(D):
+    # The kernels tell Triton how the row strides align (for vectorized loads): check packed qkv views
+    # (stride 3*H*D), odd row strides (alignment 1) and a strided head dim against the reference.
+    B, N, H = 2, 197, 3
+    g = torch.Generator().manual_seed(12)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to("cuda", torch.bfloat16)
+    q, _, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    k = torch.randn(B, H, N, D + 1, generator=g).to("cuda", torch.bfloat16)[..., :D]
+    do = torch.randn(B, H, N, 2 * D, generator=g).to("cuda", torch.bfloat16)[..., ::2]
+    out, grads = _run_triton(q, k, v, do)
+    _check_against_reference(q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), out, grads,
+                             D ** -0.5)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
