@@ -133,8 +133,18 @@ def _block(g, h, w, H, W, allowed, min_keep, patience=20, max_tries=10_000):
     raise RuntimeError(f"no {h}x{w} block kept more than min_keep={min_keep} tokens in {max_tries} tries")
 
 
-def ijepa_masks_cpu(batch_size, grid, *, num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
-                    context_scale=(0.85, 1.0), min_keep=10, seed=0, step=0):
+def ijepa_masks_cpu(batch_size, grid, *, seed=0, step=0):
+    """I-JEPA's per-sample CPU mask algorithm: the mask benchmark's ``ijepa_loop_masks`` when it is there (one
+    implementation for both benchmarks), else ``ijepa_masks_cpu_fallback``. Returns (context, targets)."""
+    try:
+        from .masks import ijepa_loop_masks
+    except Exception:  # the mask benchmark missing or broken must not take the e2e baseline down with it
+        return ijepa_masks_cpu_fallback(batch_size, grid, seed=seed, step=step)
+    return ijepa_loop_masks(batch_size, grid, seed=seed, step=step)
+
+
+def ijepa_masks_cpu_fallback(batch_size, grid, *, num_targets=4, target_scale=(0.15, 0.2),
+                             target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), min_keep=10, seed=0, step=0):
     """I-JEPA's multi-block collator algorithm, one sample at a time in Python on the CPU.
 
     Returns ``(context [B, Nc], targets [B, M, Nt])`` int64 CPU tensors; every mask is cut to the batch

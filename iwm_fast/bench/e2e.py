@@ -68,7 +68,7 @@ class Budget:
 
 def budget(device, quick):
     if torch.device(device).type != "cuda":
-        return Budget(warmup=1, steps=2, breakdown=1, seconds=120.0)
+        return Budget(warmup=2, steps=2, breakdown=1, seconds=120.0)
     return Budget(3, 6, 3, 170.0) if quick else Budget(5, 20, 5, 3600.0)
 
 
@@ -149,7 +149,7 @@ class Stepper:
             for blocks in (self.model.encoder.blocks, self.model.target_encoder.blocks,
                            self.model.predictor.predictor_blocks):
                 for b in blocks:
-                    b.compile(backend=backend)
+                    b.compile(backend=backend, dynamic=True)  # masks change Nc and Nt every step
 
     def _cpu_masks(self, step):
         return ijepa_masks_cpu(self.case.batch, self.grid, seed=self.seed, step=step)
@@ -264,6 +264,7 @@ def run(device, quick, cases=None, configs=None):
     rows, t_start = [], time.perf_counter()
     for case in cases:
         shape = f"{case.model}/{case.mode}/B{case.batch}"
+        throughput = {}
         for name in configs:
             impl = IMPLEMENTATIONS[name]
             if time.perf_counter() - t_start > b.seconds:
@@ -283,6 +284,7 @@ def run(device, quick, cases=None, configs=None):
             step = m["step_ms"]
             ips = harness.row("e2e", name, shape, dtype, "images_per_s", harness.rate(case.batch, step, 1.0), meta)
             rows.append(ips)
+            throughput[name] = ips
             rows.append(harness.row("e2e", name, shape, dtype, "step_ms", step, meta))
             for phase, st in m["phases"].items():
                 rows.append(harness.row("e2e", name, shape, dtype, f"phase_ms:{phase}", st, meta))
@@ -290,7 +292,24 @@ def run(device, quick, cases=None, configs=None):
             rows.append(harness.row("e2e", name, shape, dtype, "peak_mem_gib", (m["peak_mem_gib"],) * 3, meta))
             print(f"e2e {shape:28s} {name:20s} {ips['median']:9.1f} images/s  step {step[0]:8.1f} ms"
                   + (f"  compile {m['compile_s']:.0f} s" if impl.compile else ""), flush=True)
+        rows += speedup_rows(throughput, meta)
     return rows
+
+
+def speedup_rows(throughput, meta):
+    """images/s of each configuration over (a)'s and over (b)'s, measured in the same run (p20/p80: the
+    configuration's own spread over the baseline's median)."""
+    out = []
+    for base in ("a_ijepa_eager", "b_pytorch_compile"):
+        if base not in throughput:
+            continue
+        ref = throughput[base]["median"]
+        for name, r in throughput.items():
+            if name <= base:  # only later configurations against earlier baselines: c/a, d/a, c/b, d/b, b/a
+                continue
+            stats = (r["median"] / ref, r["p20"] / ref, r["p80"] / ref)
+            out.append(harness.row("e2e", name, r["shape"], r["dtype"], f"speedup_vs_{base}", stats, meta))
+    return out
 
 
 def main(argv=None):
