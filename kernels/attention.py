@@ -3,10 +3,11 @@
 Layout is [B, H, N, D] with arbitrary strides. Forward: online softmax over key blocks, fp32 accumulation,
 saves the natural-log log-sum-exp (LSE) per query row. Backward: one kernel walks key blocks for each
 query block (dQ; it also computes delta = rowsum(dO * O), the preprocess of FlashAttention-2), then another
-walks query blocks for each key block (dK, dV), so nothing needs atomics.
+walks query blocks for each key block (dK, dV), so nothing needs atomics. Exponentials use exp2 with
+the scale folded into log2(e).
 
-Shapes handled without caller padding: any Nq and Nk (tails masked), head dims 16..256 (padded inside the
-kernel to the next power of two with masked loads), optional per-sample key lengths (keys at index
+Shapes handled without caller padding: any Nq and Nk (tails masked), head dims up to 256 (padded inside the
+kernel to the next power of two, at least 16, with masked loads), optional per-sample key lengths (keys at index
 >= key_lengths[b] are ignored; a row with no keys gives zeros and zero gradients).
 
 Autotuning: small tiles (32/64 rows) are in the config space because at N <= 256 a 128-row tile leaves
@@ -16,15 +17,12 @@ plus the dtypes (Triton adds those), so the predictor's varying sequence lengths
 Tuning results are cached on disk (Triton's cache_results), so a new process does not re-benchmark.
 Under TRITON_INTERPRET there is one config per kernel: the interpreter would otherwise run every config.
 """
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 MIN_HEAD_DIM = 1
 
