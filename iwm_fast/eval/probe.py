@@ -1,4 +1,5 @@
 """Linear probe on frozen, standardised features, trained full-batch with L-BFGS (deterministic)."""
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -8,6 +9,22 @@ import torch.nn.functional as F
 from .features import build_random_encoder, extract_features
 
 DEFAULT_WD_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+# Below this many feature values a CPU fit runs on one thread: each L-BFGS evaluation is then a few tens of
+# microseconds, and intra-op thread hand-offs would cost more than the work (10-50x more on a busy machine).
+_SINGLE_THREAD_NUMEL = 1 << 20
+
+
+@contextlib.contextmanager
+def _threads_for(x):
+    if x.device.type != "cpu" or x.numel() >= _SINGLE_THREAD_NUMEL:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -49,7 +66,7 @@ def _fit(x, y, num_classes, wd, epochs, lr):
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    with torch.enable_grad(), _threads_for(x):
         opt.step(closure)
     return w.detach(), b.detach()
 
