@@ -1,0 +1,204 @@
+"""CPU smoke tests of the benchmark suite: the runner's files, its handling of missing or failing benchmarks,
+the baselines' numerics against independent references, and the implementation switch."""
+import csv
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from iwm_fast.bench import baselines, e2e, harness
+from iwm_fast.bench import run as bench_run
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.fixture
+def tiny_e2e(monkeypatch):
+    """The e2e benchmark cut to one tiny case and one step per phase, so the whole runner takes seconds."""
+    monkeypatch.setattr(e2e, "CPU_CASES", [e2e.Case("vit_tiny8", "", 8, "iwm-equi", 2, img=96)])
+    monkeypatch.setattr(e2e, "budget", lambda device, quick: e2e.Budget(warmup=1, steps=1, breakdown=1,
+                                                                        seconds=120.0))
+
+
+def test_runner_writes_csv_summary_and_plots(tmp_path, tiny_e2e):
+    out = tmp_path / "res"
+    rc = bench_run.main(["--device", "cpu", "--quick", "--no-isolate", "--only", "masks,e2e", "--out", str(out)])
+    assert rc == 0
+    files = sorted(os.listdir(out))
+    stem = bench_run.file_stem(harness.metadata("cpu"), "cpu", True)
+    assert f"{stem}.csv" in files and f"{stem}_summary.md" in files
+    assert f"{stem}_speedup.png" in files and f"{stem}_e2e.png" in files
+    for png in (f"{stem}_speedup.png", f"{stem}_e2e.png"):
+        with open(out / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    cols, rows = _read_csv(out / f"{stem}.csv")
+    assert cols == harness.COLUMNS
+    e2e_rows = [r for r in rows if r["kernel"] == "e2e"]
+    configs = {r["provider"] for r in e2e_rows}
+    assert configs == set(baselines.IMPLEMENTATIONS)
+    for r in rows:
+        med, p20, p80 = float(r["median"]), float(r["p20"]), float(r["p80"])
+        assert r["gpu"] == "cpu" and r["torch"] == torch.__version__ and r["date"] and r["commit"]
+        if r["metric"] != "peak_mem_gib":  # NaN on the CPU
+            assert med == med and med >= 0
+            assert min(p20, p80) <= med <= max(p20, p80) + 1e-9
+    ips = {r["provider"]: float(r["median"]) for r in e2e_rows if r["metric"] == "images_per_s"}
+    steps = {r["provider"]: float(r["median"]) for r in e2e_rows if r["metric"] == "step_ms"}
+    for k in ips:  # images/s is the batch over the median step time
+        assert ips[k] == pytest.approx(2 / (steps[k] * 1e-3), rel=1e-6)
+    phases = {r["metric"] for r in e2e_rows if r["metric"].startswith("phase_ms:")}
+    assert phases == {f"phase_ms:{p}" for p in e2e.PHASES}
+    sp = [r for r in e2e_rows if r["metric"] == "speedup_vs_a_ijepa_eager" and r["provider"] == "c_iwm_fast"]
+    assert len(sp) == 1 and float(sp[0]["median"]) == pytest.approx(ips["c_iwm_fast"] / ips["a_ijepa_eager"])
+    summary = (out / f"{stem}_summary.md").read_text()
+    assert "**masks**: ok" in summary and "**e2e**: ok" in summary
+    assert "| vit_tiny8/iwm-equi/B2 |" in summary and "(a) eager" in summary
+    assert "block_masks" in summary  # the kernel speedup table
+
+
+def test_runner_reports_missing_and_failing_benchmarks(tmp_path, monkeypatch):
+    boom = types.ModuleType("iwm_fast.bench.boom")
+
+    def explode(device, quick):
+        raise RuntimeError("kernel exploded")
+
+    boom.run = explode
+    bad = types.ModuleType("iwm_fast.bench.bad")
+    bad.run = lambda device, quick: [{"kernel": "x"}, harness.row("k", "p", "s", torch.float32, "ms", (1, 1, 1),
+                                                                  harness.metadata("cpu"))]
+    monkeypatch.setitem(sys.modules, "iwm_fast.bench.boom", boom)
+    monkeypatch.setitem(sys.modules, "iwm_fast.bench.bad", bad)
+    monkeypatch.setattr(bench_run, "BENCHMARKS", ("boom", "bad", "not_written_yet"))
+    rc = bench_run.main(["--device", "cpu", "--quick", "--no-isolate", "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0  # one benchmark gave a row
+    stem = bench_run.file_stem(harness.metadata("cpu"), "cpu", True)
+    summary = (tmp_path / f"{stem}_summary.md").read_text()
+    assert "**boom**: skipped: failed" in summary and "RuntimeError: kernel exploded" in summary
+    assert "**not_written_yet**: skipped: iwm_fast.bench.not_written_yet module not found" in summary
+    assert "**bad**: ok: 1 rows" in summary and "dropped 1 malformed rows" in summary
+    _, rows = _read_csv(tmp_path / f"{stem}.csv")
+    assert [r["kernel"] for r in rows] == ["k"]
+
+
+def test_runner_rejects_unknown_names(tmp_path):
+    with pytest.raises(SystemExit):
+        bench_run.main(["--device", "cpu", "--only", "attention,nope", "--out", str(tmp_path)])
+
+
+def test_isolated_child_reports_missing_module(tmp_path):
+    res = bench_run.run_isolated("not_a_benchmark", "cpu", True, timeout=120)
+    assert res["rows"] == [] and res["status"] == "skipped: iwm_fast.bench.not_a_benchmark module not found"
+
+
+@pytest.mark.parametrize("name,tag", [("NVIDIA H200", "H200"), ("NVIDIA H100 80GB HBM3", "H100-80GB-HBM3"),
+                                      ("NVIDIA A100-SXM4-80GB", "A100-SXM4-80GB")])
+def test_file_names_carry_date_and_gpu(name, tag):
+    assert bench_run.gpu_tag(name) == tag
+    meta = {"gpu": name, "date": "2026-11-29"}
+    assert bench_run.file_stem(meta, "cuda", True) == f"2026-11-29_{tag}_quick"
+    assert bench_run.file_stem(meta, "cuda", False) == f"2026-11-29_{tag}"
+
+
+# ---- baselines against independent references ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("N,D", [(197, 24), (33, 80)])
+def test_naive_attention_matches_float64_softmax(N, D):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, N, D, generator=g, dtype=torch.float64) for _ in range(3))
+    scale = D ** -0.5
+    ref = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) * scale, -1), v)
+    torch.testing.assert_close(baselines.naive_attention(q, k, v, scale), ref)
+    out32 = baselines.naive_attention(q.float(), k.float(), v.float(), scale)
+    assert (out32.double() - ref).abs().max() < 1e-5
+
+
+def _loop_gather(x, idx, pos=None):
+    out = torch.empty(idx.shape[0], idx.shape[1], x.shape[-1], dtype=x.dtype)
+    for r in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            out[r, j] = x[r % x.shape[0], idx[r, j]] + (0 if pos is None else pos[idx[r, j]])
+    return out
+
+
+@pytest.mark.parametrize("fn", [baselines.gather_cat_apply_masks, baselines.torch_gather_apply_masks])
+def test_baseline_gathers_match_a_loop(fn):
+    g = torch.Generator().manual_seed(1)
+    B, N, D, K = 3, 13, 5, 4
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    pos = torch.randn(N, D, generator=g, dtype=torch.float64)
+    masks = [torch.randint(0, N, (B, K), generator=g) for _ in range(3)]
+    stacked = torch.cat(masks, 0)
+    torch.testing.assert_close(fn(x, masks), _loop_gather(x, stacked))
+    torch.testing.assert_close(fn(x, masks, pos), _loop_gather(x, stacked, pos))
+    token = torch.randn(1, 1, D, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fn(token.expand(B, N, D), masks[0], pos),
+                               _loop_gather(token.expand(B, N, D).contiguous(), masks[0], pos))
+
+
+def test_baseline_emas_match_the_formula():
+    g = torch.Generator().manual_seed(2)
+    online = [torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    m = 0.996
+    for fn in (baselines.ema_loop_, baselines.ema_foreach_):
+        target = [torch.randn_like(p) for p in online]
+        want = [m * t + (1 - m) * o for t, o in zip(target, online)]
+        fn(target, online, m)
+        for t, w in zip(target, want):
+            torch.testing.assert_close(t, w)
+
+
+def test_fallback_ijepa_masks_follow_the_collator_rules():
+    H = W = 14
+    ctx, tgt = baselines.ijepa_masks_cpu_fallback(8, (H, W), seed=3, step=5)
+    B, M, Nt = tgt.shape
+    assert (B, M) == (8, 4) and ctx.shape[0] == 8 and ctx.dtype == tgt.dtype == torch.int64
+    assert Nt > 10 and ctx.shape[1] > 10
+    for b in range(B):
+        assert torch.all(ctx[b][1:] > ctx[b][:-1])  # ascending, no duplicates
+        assert not set(ctx[b].tolist()) & set(tgt[b].flatten().tolist())  # context avoids the targets
+        assert 0 <= int(tgt[b].min()) and int(tgt[b].max()) < H * W
+    again = baselines.ijepa_masks_cpu_fallback(8, (H, W), seed=3, step=5)
+    assert torch.equal(again[0], ctx) and torch.equal(again[1], tgt)
+
+
+@pytest.mark.parametrize("mode", ["iwm-equi", "ijepa"])
+def test_every_implementation_gives_the_same_loss_and_restores_the_model(mode):
+    case = e2e.Case("vit_tiny8", "", 8, mode, 2, img=96)
+    model = e2e.build(case, "cpu").double()
+    g = torch.Generator().manual_seed(4)
+    src, tgt_img = (torch.randn(2, 3, 96, 96, generator=g, dtype=torch.float64) for _ in range(2))
+    ctx, tgt = baselines.ijepa_masks_cpu(2, model.encoder.grid, seed=0, step=0)
+    from iwm_fast.transforms import ACTION_DIM
+    action = torch.randn(2, ACTION_DIM, generator=g, dtype=torch.float64)
+    ref = model(src, tgt_img, ctx, tgt, action)
+    backends = [m.backend for m in model.modules() if hasattr(m, "backend")]
+    import iwm_fast.models.vit as vit_mod
+    fused_apply = vit_mod.apply_masks
+    for impl in baselines.IMPLEMENTATIONS.values():
+        if impl.attention == "triton":  # the Triton kernel takes no float64; its own tests cover it
+            impl = baselines.Implementation(impl.name, impl.label, "sdpa", impl.gather, impl.ema, impl.masks)
+        with baselines.use_implementation(model, impl):
+            torch.testing.assert_close(model(src, tgt_img, ctx, tgt, action), ref)
+    assert [m.backend for m in model.modules() if hasattr(m, "backend")] == backends
+    assert vit_mod.apply_masks is fused_apply
+
+
+def test_naive_backend_is_really_used(monkeypatch):
+    calls = []
+    real = baselines.naive_attention
+    monkeypatch.setattr(baselines, "naive_attention", lambda *a: calls.append(1) or real(*a))
+    model = e2e.build(e2e.Case("vit_tiny8", "", 8, "ijepa", 2, img=96), "cpu")
+    x = torch.randn(2, 3, 96, 96)
+    with baselines.use_implementation(model, baselines.IMPLEMENTATIONS["a_ijepa_eager"]):
+        model.encoder(x)
+    assert len(calls) == len(model.encoder.blocks)
+    calls.clear()
+    model.encoder(x)
+    assert not calls  # restored on exit
