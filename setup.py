@@ -68,7 +68,7 @@ setup(
         "console_scripts": [
             "iwm-train=iwm_fast.train.cli:train_main",
             "iwm-eval=iwm_fast.train.cli:eval_main",
-            "iwm-bench=iwm_fast.bench_entry:main",
+            "iwm-bench=iwm_fast.bench.run:main",
         ]
     },
     ext_modules=ext_modules,
