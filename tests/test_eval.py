@@ -226,7 +226,7 @@ def test_mrr_hooks_see_clean_source_and_true_action():
     assert torch.all(b.action[:, :5] == 0) and torch.all(b.action[:, 10:] == 0)
 
 
-def test_mrr_is_deterministic_and_chunking_invariant():
+def test_mrr_is_deterministic_with_a_seed():
     model = tiny_iwm()
     x = images(10, seed=6)
     a = world_model_mrr(model, x, bank_size=8, seed=3, batch_size=64)

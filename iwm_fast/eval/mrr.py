@@ -109,7 +109,8 @@ def world_model_mrr(model=None, images=None, *, bank_size=256, num_queries=None,
     target views (the training one by default). ``predict_fn(QueryBatch) -> [Q, N, D]`` and
     ``target_fn(images) -> [Q, N, D]`` replace the model's own hooks (``iwm_hooks``), e.g. for an oracle.
     Cost: ``num_queries * bank_size`` target-encoder images, ``num_queries`` predictor calls; memory is bounded by
-    ``batch_size`` images per encoder call.
+    ``batch_size`` images per encoder call. The views are drawn per chunk of ``min(num_queries, batch_size)``
+    queries, so the same ``seed`` and ``batch_size`` give the same result.
 
     Returns ``mrr`` (average-pooled, L2-normalised embeddings compared by cosine similarity), ``mrr_tokens`` (the
     same on token-wise flattened embeddings), ``mrr_identity`` (a baseline predicting the clean image's own
