@@ -13,9 +13,16 @@ from iwm_fast.train.loop import NonFiniteLossError, train
 
 # ViT-tiny on 24-pixel digits with patch 4: a 6x6 grid, small enough for many CPU steps.
 TINY = ["model.size=tiny", "model.patch_size=4", "data.image_size=24", "data.num_workers=0",
-        "predictor.depth=1", "predictor.width=64", "masks.min_keep=2", "masks.num_targets=2",
+        "predictor.depth=1", "predictor.width=48", "masks.min_keep=2", "masks.num_targets=2",
         "train.batch_size=8", "train.warmup_steps=5", "train.lr=5e-4", "train.log_every=1000",
         "train.device=cpu", "eval.enabled=false"]
+
+
+@pytest.fixture(autouse=True)
+def plain_pytorch_ops(monkeypatch):
+    # The engine's logic is under test here, not the kernels (their own tests run them under the interpreter):
+    # the interpreter would make these hundreds of steps take many minutes.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 def tiny_cfg(out_dir, *extra):
@@ -98,7 +105,7 @@ def test_nan_guard_skips_then_stops(tmp_path):
 
 
 def _cli(args, nproc):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "iwm_fast.train.cli"]
     else:

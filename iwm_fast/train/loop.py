@@ -11,7 +11,7 @@ from ..models import IWM, IWMPredictor, build_vit
 from ..transforms import ACTION_DIM
 from . import checkpoint as ckpt
 from .config import save_config
-from .data import build_training_data, next_batch
+from .data import BatchStream, rows_in_step
 from .metrics import MetricsLogger, ProgressBar, peak_flops, step_flops
 from .parallel import parallelize, resolve_precision
 from .schedules import schedules_at
@@ -100,8 +100,8 @@ def train(cfg, *, loss_hook=None, max_steps=None):
         start_step, skipped_images = meta["step"], meta.get("skipped_images", 0)
         if rank == 0:
             log.info("resumed from %s at step %d", last, start_step)
-    data = build_training_data(cfg, rank=rank, world_size=world, micro_batch=micro,
-                               batches_done=start_step * t.accum_steps)
+    data = BatchStream(cfg, rank=rank, world_size=world, micro_batch=micro,
+                       start_state=meta["data"] if last is not None else None)
 
     logger = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start_step)
     bar = ProgressBar(t.steps, start=start_step, enabled=rank == 0, every=t.log_every)
@@ -112,16 +112,15 @@ def train(cfg, *, loss_hook=None, max_steps=None):
     try:
         for step in range(start_step, end):
             t_start = time.perf_counter()
-            raw = [next_batch(data) for _ in range(t.accum_steps)]
+            raw = [next(data) for _ in range(t.accum_steps)]
             t_data = time.perf_counter() - t_start
-            skipped_images += sum(r.num_skipped for r in raw)
+            skipped_images += sum(r["num_skipped"] for r in raw)
             global_batch = micro * world * t.accum_steps
             micro_batches = []
             for k, r in enumerate(raw):
-                # Rows of this rank's micro-batch k in the global batch of this step.
-                first = k * micro * world + rank * micro
-                rows = torch.arange(first, first + r.images.shape[0], device=device)
-                micro_batches.append(make_inputs(r.images, rows=rows, global_batch=global_batch, grid=grid,
+                rows = rows_in_step(k, micro_batch=micro, rank=rank, world_size=world,
+                                    batch_positions=r["batch_positions"], device=device)
+                micro_batches.append(make_inputs(r["images"], rows=rows, global_batch=global_batch, grid=grid,
                                                  cfg=cfg, seed=t.seed, step=step, device=device))
             s = schedules_at(step, t)
             loss, skipped = train_step(model, optimizer, micro_batches, lr=s["lr"], wd=s["wd"],
@@ -153,7 +152,7 @@ def train(cfg, *, loss_hook=None, max_steps=None):
             bad_steps = 0
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
                 ckpt.save_checkpoint(ckpt_dir, step + 1, model, optimizer,
-                                     {"batches_done": (step + 1) * t.accum_steps, "skipped_images": skipped_images},
+                                     {"data": data.state_dict(), "skipped_images": skipped_images},
                                      keep=t.keep_checkpoints)
     finally:
         bar.close()
