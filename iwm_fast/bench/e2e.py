@@ -89,7 +89,7 @@ def build(case, device):
             pred = IWMPredictor(enc.grid, 64, 32, depth=2, num_heads=2, conditioning=cond,
                                 action_dim=ACTION_DIM if cond != "none" else 0, target_mode=target_mode)
         model = IWM(enc, pred, loss=loss)
-    return model
+    return model.to(device)  # anything a constructor made on the CPU regardless
 
 
 class PhaseTimer:

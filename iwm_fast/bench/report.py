@@ -203,3 +203,30 @@ def console_table(rows, statuses):
         if not st["status"].startswith("ok"):
             out.append(f"{name}: {st['status']}")
     return "\n".join(out)
+
+
+def read_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("median", "p20", "p80"):
+            r[k] = float(r[k])
+    return rows
+
+
+def main(argv=None):
+    """``python -m iwm_fast.bench.report RESULTS.csv``: print the short table of a finished run."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m iwm_fast.bench.report RESULTS.csv", file=sys.stderr)
+        return 2
+    print(console_table(read_csv(args[0]), {}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

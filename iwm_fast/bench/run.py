@@ -151,6 +151,8 @@ def parse_args(argv):
     iso.add_argument("--no-isolate", dest="isolate", action="store_false", help="run all in this process")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds per benchmark when isolated (default: 240 quick, 1800 full)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="wall-clock seconds for the whole run: later benchmarks get what is left, or are skipped")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-result", default=None, help=argparse.SUPPRESS)
@@ -183,11 +185,20 @@ def main(argv=None):
     stem = file_stem(meta, a.device, a.quick)
     args_line = "iwm-bench " + " ".join(shlex.quote(x) for x in argv)
     rows, statuses = [], {}
+    t_start = time.perf_counter()
     for name in a.names:
+        timeout = a.timeout
+        if a.deadline is not None:
+            left = a.deadline - (time.perf_counter() - t_start)
+            if left < 20:
+                statuses[name] = {"status": f"skipped: no time left (--deadline {a.deadline:.0f} s)", "notes": []}
+                print(f"[iwm-bench] {name}: {statuses[name]['status']}", flush=True)
+                continue
+            timeout = min(timeout, left)
         print(f"[iwm-bench] {name} ({'isolated' if a.isolate else 'in process'}, {a.device}"
               f"{', quick' if a.quick else ''})", flush=True)
         t0 = time.perf_counter()
-        res = run_isolated(name, a.device, a.quick, a.timeout) if a.isolate else run_in_process(name, a.device, a.quick)
+        res = run_isolated(name, a.device, a.quick, timeout) if a.isolate else run_in_process(name, a.device, a.quick)
         rows += res["rows"]
         statuses[name] = {"status": res["status"], "notes": res.get("notes", [])}
         print(f"[iwm-bench] {name}: {res['status']} ({time.perf_counter() - t0:.0f} s wall)", flush=True)
