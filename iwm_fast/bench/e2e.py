@@ -6,7 +6,8 @@ and I-JEPA (12x384, no conditioning, per-block targets, smooth-L1) modes. Each c
 
   (a) I-JEPA-style eager: naive attention, gather + cat, per-parameter EMA loop, masks sampled on the CPU by
       I-JEPA's per-sample algorithm inside the step and copied to the device;
-  (b) PyTorch best practice: SDPA, torch.gather, ``_foreach_lerp_``, ``torch.compile`` of every block; its CPU
+  (b) PyTorch best practice: SDPA, torch.gather, ``_foreach_lerp_``, ``torch.compile(dynamic=True)`` of every
+      block (the masks change the token counts every step, so static shapes would recompile); its CPU
       masks are sampled before timing (as DataLoader workers would, overlapped), only their copy is timed;
   (c) iwm-fast: Triton attention and gather, ``iwm_fast.ops.ema_update_``, masks sampled on the device;
   (d) (c) with ``torch.compile`` of every block.
@@ -33,6 +34,7 @@ from . import harness
 from .baselines import IMPLEMENTATIONS, ema_function, ijepa_masks_cpu, use_implementation
 
 NOTES = []  # "skipped: ..." lines for the runner's summary, filled by run()
+ROWS_SO_FAR = []  # rows of the configurations finished so far: what a runner stopped at its time limit keeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Budget:
 def budget(device, quick):
     if torch.device(device).type != "cuda":
         return Budget(warmup=2, steps=2, breakdown=1, seconds=120.0)
-    return Budget(3, 6, 3, 170.0) if quick else Budget(5, 20, 5, 3600.0)
+    return Budget(3, 6, 3, 140.0) if quick else Budget(5, 20, 5, 3600.0)
 
 
 def build(case, device):
@@ -255,13 +257,14 @@ def _attention_available(device):
 
 def run(device, quick, cases=None, configs=None):
     NOTES.clear()
+    ROWS_SO_FAR.clear()
     meta = harness.metadata(device)
     b = budget(device, quick)
     if cases is None:
         cases = CPU_CASES if torch.device(device).type != "cuda" else (CUDA_CASES if not quick else CUDA_CASES[:3])
     configs = list(configs or IMPLEMENTATIONS)
     dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    rows, t_start = [], time.perf_counter()
+    rows, t_start = ROWS_SO_FAR, time.perf_counter()
     for case in cases:
         shape = f"{case.model}/{case.mode}/B{case.batch}"
         throughput = {}
@@ -293,7 +296,7 @@ def run(device, quick, cases=None, configs=None):
             print(f"e2e {shape:28s} {name:20s} {ips['median']:9.1f} images/s  step {step[0]:8.1f} ms"
                   + (f"  compile {m['compile_s']:.0f} s" if impl.compile else ""), flush=True)
         rows += speedup_rows(throughput, meta)
-    return rows
+    return list(rows)
 
 
 def speedup_rows(throughput, meta):

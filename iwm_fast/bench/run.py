@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -99,17 +100,43 @@ def run_in_process(name, device, quick):
     return {"rows": kept, "notes": notes, "status": status}
 
 
-def run_isolated(name, device, quick, timeout):
-    """Run one benchmark in a child process (its output streams to ours) with a time limit."""
+def _child_on_sigterm(name, result_path, t0):
+    """On SIGTERM (the parent's time limit) a child writes the rows its module has finished so far, if any."""
+    def handler(signum, frame):
+        from . import harness
+
+        module = sys.modules.get(f"iwm_fast.bench.{name}")
+        rows, _ = _valid_rows(list(getattr(module, "ROWS_SO_FAR", [])), harness.COLUMNS)
+        notes = [str(n) for n in getattr(module, "NOTES", [])]
+        status = f"partial: stopped at the time limit after {time.perf_counter() - t0:.0f} s, {len(rows)} rows kept"
+        with open(result_path, "w") as f:
+            json.dump({"rows": rows, "notes": notes, "status": status if rows else "skipped: timed out"}, f)
+        os._exit(0)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_isolated(name, device, quick, timeout, grace=20.0):
+    """Run one benchmark in a child process (its output streams to ours) with a time limit.
+
+    At the limit the child gets SIGTERM and ``grace`` seconds to hand over its finished rows, then SIGKILL.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "iwm_fast.bench.run", "--child", name, "--child-result", result_path,
                "--device", device] + (["--quick"] if quick else [])
         t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd)
         try:
-            proc = subprocess.run(cmd, timeout=timeout)
+            proc.wait(timeout=max(1.0, timeout - grace))
         except subprocess.TimeoutExpired:
-            return {"rows": [], "notes": [], "status": f"skipped: timed out after {timeout:.0f} s"}
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if not os.path.exists(result_path):
+                return {"rows": [], "notes": [], "status": f"skipped: timed out after {timeout:.0f} s"}
         if not os.path.exists(result_path):
             return {"rows": [], "notes": [], "status": f"skipped: child process died (exit {proc.returncode}) "
                                                       f"after {time.perf_counter() - t0:.0f} s"}
@@ -175,6 +202,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
     if a.child:  # one benchmark for an isolating parent: result as JSON, output on our stdout
+        _child_on_sigterm(a.child, a.child_result, time.perf_counter())
         result = run_in_process(a.child, a.device, a.quick)
         with open(a.child_result, "w") as f:
             json.dump(result, f)
