@@ -78,11 +78,12 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
             f.write(b"half a shard")
         raise KeyboardInterrupt("killed during save")
 
+    real_save = ckpt.dcp.save
     monkeypatch.setattr(ckpt.dcp, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(run, "train.steps=4", "train.checkpoint_every=2"))
     assert ckpt.latest_checkpoint(run / "checkpoints") == good
-    monkeypatch.undo()
+    monkeypatch.setattr(ckpt.dcp, "save", real_save)
     train(tiny_cfg(run, "train.steps=4", "train.checkpoint_every=2"))  # resumes from step 2, finishes
     assert ckpt.latest_checkpoint(run / "checkpoints").endswith("step_00000004")
 
@@ -110,7 +111,7 @@ def _cli(args, nproc):
         cmd = [sys.executable, "-m", "iwm_fast.train.cli"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_port=29617", "-m", "iwm_fast.train.cli"]
+               "--standalone", "-m", "iwm_fast.train.cli"]
     out = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 

@@ -31,11 +31,11 @@ def init_distributed(device_pref="auto"):
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible")
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("nccl" if device_pref == "cuda" else "gloo")
+        backend = "nccl" if device_pref == "cuda" else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:  # a single process: an in-memory store, no port to pick or collide on
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     if device_pref == "cuda":
         local = int(os.environ.get("LOCAL_RANK", 0))
