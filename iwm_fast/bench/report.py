@@ -57,9 +57,10 @@ def e2e_table(rows):
         ips = {k: _value(rows, kernel="e2e", shape=shape, provider=k, metric="images_per_s") for k in E2E_CONFIGS}
         ratio = lambda x, y: ips[x] / ips[y] if ips[x] and ips[y] else None  # noqa: E731
         target = _targets(ips) if shape == TARGET_SHAPE else "(target case: " + TARGET_SHAPE + ")"
-        lines.append(f"| {shape} | " + " | ".join(_fmt(ips[k], 1) for k in E2E_CONFIGS)
-                     + f" | {_fmt(ratio('c_iwm_fast', 'a_ijepa_eager'))} | {_fmt(ratio('c_iwm_fast', 'b_pytorch_compile'))}"
-                     f" | {_fmt(ratio('d_iwm_fast_compile', 'b_pytorch_compile'))} | {target} |")
+        ratios = [ratio("c_iwm_fast", "a_ijepa_eager"), ratio("c_iwm_fast", "b_pytorch_compile"),
+                  ratio("d_iwm_fast_compile", "b_pytorch_compile")]
+        lines.append(f"| {shape} | " + " | ".join(_fmt(ips[k], 1) for k in E2E_CONFIGS) + " | "
+                     + " | ".join(_fmt(x) for x in ratios) + f" | {target} |")
     return lines
 
 
@@ -89,13 +90,15 @@ def breakdown_table(rows):
 
 def speedup_metrics(rows, kernel):
     """The speedup metrics of one kernel to plot: all ``speedup*`` ones except per-direction variants."""
-    names = list(dict.fromkeys(r["metric"] for r in rows if r["kernel"] == kernel and r["metric"].startswith("speedup")))
+    names = list(dict.fromkeys(r["metric"] for r in rows
+                               if r["kernel"] == kernel and r["metric"].startswith("speedup")))
     main = [m for m in names if not m.endswith(("_fwd", "_bwd"))]
     return main or names
 
 
 def speedup_table(rows):
-    lines = ["| kernel | shape | dtype | provider | metric | speedup (median) | p20–p80 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | shape | dtype | provider | metric | speedup (median) | p20–p80 |",
+             "|---|---|---|---|---|---|---|"]
     for kernel in dict.fromkeys(r["kernel"] for r in rows):
         for metric in speedup_metrics(rows, kernel):
             for r in _by(rows, kernel=kernel, metric=metric):
@@ -113,7 +116,8 @@ def write_summary(path, rows, statuses, meta, args_line):
         L.append(f"- **{name}**: {st['status']}")
         L += [f"  - {n}" for n in st.get("notes", [])]
     if any(r["kernel"] == "e2e" for r in rows):
-        L += ["", "## End-to-end training step, images/s (median; bf16 on CUDA)", ""] + e2e_table(rows) + [""] + E2E_LEGEND
+        L += ["", "## End-to-end training step, images/s (median; bf16 on CUDA)", ""] + e2e_table(rows)
+        L += [""] + E2E_LEGEND
         bt = breakdown_table(rows)
         if bt:
             L += ["", "## Step-time breakdown, ms (median of the breakdown run; CUDA events on a GPU)", ""] + bt
