@@ -112,7 +112,8 @@ def vit_size(name):
 def build_vit(size="base", **kwargs):
     s = vit_size(size)
     kwargs.setdefault("mlp_ratio", s.mlp_ratio)
-    return VisionTransformer(embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads, **kwargs)
+    kwargs.setdefault("depth", s.depth)
+    return VisionTransformer(embed_dim=s.embed_dim, num_heads=s.num_heads, **kwargs)
 
 
 def vit_tiny(**kw):

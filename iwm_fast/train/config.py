@@ -15,6 +15,7 @@ from ..transforms.config import TransformConfig
 class ModelConfig:
     size: str = "base"            # tiny, small, base, large, huge, giant (iwm_fast.models.VIT_SIZES)
     patch_size: int = 16
+    depth: int = 0                # 0: the size's own depth; a smaller value makes a shallower encoder
     attn_backend: str = "auto"    # auto, triton, sdpa, flash_attn, xformers
 
 

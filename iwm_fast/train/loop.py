@@ -50,8 +50,9 @@ def build_model(cfg):
     """The IWM model from the config, initialised from ``train.seed`` (identically on every rank)."""
     torch.manual_seed(cfg.train.seed)
     size = cfg.data.image_size
+    extra = {"depth": cfg.model.depth} if cfg.model.depth else {}
     encoder = build_vit(cfg.model.size, img_size=size, patch_size=cfg.model.patch_size,
-                        attn_backend=cfg.model.attn_backend)
+                        attn_backend=cfg.model.attn_backend, **extra)
     p = cfg.predictor
     predictor = IWMPredictor(encoder.grid, encoder.embed_dim, p.width, depth=p.depth,
                              num_heads=p.num_heads or encoder.num_heads, conditioning=p.conditioning,
