@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..models import IWM, IWMPredictor, build_vit
+from ..ops.gather import set_index_check
 from ..transforms import ACTION_DIM
 from . import checkpoint as ckpt
 from .config import save_config
@@ -75,6 +76,10 @@ def train(cfg, *, loss_hook=None, max_steps=None):
     ``loss_hook(step, loss) -> loss`` lets tests inject faults; ``max_steps`` stops early, as a kill would.
     """
     rank, world, device = init_distributed(cfg.train.device)
+    if device.type == "cuda" and "IWM_FAST_INDEX_CHECK" not in os.environ:
+        # Every index comes from our own mask sampler, in range by construction (and tested): skip the
+        # per-gather host sync of the bounds check. IWM_FAST_INDEX_CHECK=host brings it back for debugging.
+        set_index_check("off")
     t = cfg.train
     run_dir = t.out_dir
     ckpt_dir = os.path.join(run_dir, "checkpoints")
