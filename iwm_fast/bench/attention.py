@@ -6,7 +6,6 @@ memory of one forward+backward over the inputs), and for non-SDPA providers ``sp
 (fwd+bwd; ``_fwd`` and ``_bwd`` variants too): the fastest SDPA backend's median time over the provider's,
 both measured in this run. Providers that reject a shape (e.g. SDPA flash at some head dims) are skipped.
 """
-import argparse
 import importlib.util
 import os
 
@@ -161,26 +160,8 @@ def run(device: str, quick: bool) -> list:
     return rows
 
 
-def _print_table(rows):
-    print(f"{'shape':<36} {'provider':<15} {'metric':<28} {'median':>10} {'p20':>10} {'p80':>10}")
-    for r in rows:
-        print(f"{r['shape']:<36} {r['provider']:<15} {r['metric']:<28} "
-              f"{r['median']:>10.4g} {r['p20']:>10.4g} {r['p80']:>10.4g}")
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    parser.add_argument("--csv", default=None, help="write rows to this CSV file")
-    args = parser.parse_args(argv)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    rows = run(args.device, args.quick)
-    _print_table(rows)
-    if args.csv:
-        print("wrote", harness.write_csv(rows, args.csv))
-    return rows
+    return harness.bench_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ device, so nothing giant is allocated twice); the CPU run uses a 2-block ViT-tin
 parameter: read target + read online + write target (12 for fp32, 10 for fp32 target / bf16 online). The
 copy reference moves the same bytes with one ``copy_`` in the same run.
 """
-import argparse
 import os
 
 import torch
@@ -92,19 +91,7 @@ def run(device, quick):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    args = p.parse_args(argv)
-    rows = run(args.device, args.quick)
-    print(f"{'shape':<34}{'dtype':<11}{'provider':<20}{'metric':<26}{'median':>10}{'p20':>10}{'p80':>10}")
-    for r in rows:
-        print(f"{r['shape']:<34}{r['dtype']:<11}{r['provider']:<20}{r['metric']:<26}{r['median']:>10.3f}"
-              f"{r['p20']:>10.3f}{r['p80']:>10.3f}")
-    if args.csv:
-        harness.write_csv(rows, args.csv)
-    return rows
+    return harness.bench_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

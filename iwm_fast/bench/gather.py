@@ -5,7 +5,6 @@ Forward bytes: read K*D of x (+ K*D of pos) per row, write K*D, read the indices
 (read + write) in one ``copy_`` in the same run. Index checks are off while timing (``set_index_check``),
 so the numbers are the kernels'; the default host check adds one sync per call.
 """
-import argparse
 import os
 
 import torch
@@ -113,19 +112,7 @@ def run(device, quick):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    args = p.parse_args(argv)
-    rows = run(args.device, args.quick)
-    print(f"{'kernel':<12}{'shape':<44}{'provider':<20}{'metric':<18}{'median':>10}{'p20':>10}{'p80':>10}")
-    for r in rows:
-        print(f"{r['kernel']:<12}{r['shape']:<44}{r['provider']:<20}{r['metric']:<18}{r['median']:>10.3f}"
-              f"{r['p20']:>10.3f}{r['p80']:>10.3f}")
-    if args.csv:
-        harness.write_csv(rows, args.csv)
-    return rows
+    return harness.bench_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,30 @@ def write_csv(rows, path):
         for r in rows:
             w.writerow({k: r[k] for k in COLUMNS})
     return path
+
+
+def print_table(rows, columns=("kernel", "shape", "dtype", "provider", "metric", "median", "p20", "p80")):
+    """Aligned text table of rows; numbers with three decimals."""
+    cells = [[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) if v[:1].isdigit() or v[:1] == "-" else v.ljust(w) for v, w in zip(row, widths)))
+
+
+def bench_main(run, description, argv=None):
+    """The command line every benchmark module shares: --device, --quick, --csv; prints the rows."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    rows = run(args.device, args.quick)
+    print_table(rows)
+    if args.csv:
+        print("wrote", write_csv(rows, args.csv))
+    return rows

@@ -5,7 +5,6 @@ Providers: ``ijepa_loop`` (the I-JEPA collator's algorithm with per-sample Pytho
 (the CUDA op, launches and the one host sync included). Speedups are reported against ``ijepa_loop``,
 measured in the same run.
 """
-import argparse
 import math
 import os
 
@@ -118,19 +117,7 @@ def run(device: str, quick: bool) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
-    args = p.parse_args(argv)
-    rows = run(args.device, args.quick)
-    print(f"{'shape':<16}{'provider':<20}{'metric':<24}{'median':>10}{'p20':>10}{'p80':>10}")
-    for r in rows:
-        print(f"{r['shape']:<16}{r['provider']:<20}{r['metric']:<24}{r['median']:>10.3f}{r['p20']:>10.3f}"
-              f"{r['p80']:>10.3f}")
-    if args.csv:
-        harness.write_csv(rows, args.csv)
-    return rows
+    return harness.bench_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
