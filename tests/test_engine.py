@@ -162,3 +162,13 @@ def test_profile_writes_trace_and_kernel_table(tmp_path):
     with open(os.path.join(run, "profile_kernels.txt")) as f:
         table = f.read()
     assert "aten::" in table and "Self CPU" in table
+
+
+def test_ijepa_mode_with_clipping_trains(tmp_path):
+    run = train(tiny_cfg(tmp_path / "ijepa", "train.steps=4", "train.checkpoint_every=4", "train.grad_clip=1.0",
+                         "predictor.conditioning=none", "predictor.target_mode=per_block", "train.loss=smooth_l1"))
+    curve = losses(run)
+    assert len(curve) == 4 and all(c == c for c in curve)
+    from iwm_fast.train.config import load_config as load
+    saved = load(os.path.join(run, "config.yaml"))  # the resolved config is saved with the run
+    assert saved.predictor.conditioning == "none" and saved.train.grad_clip == 1.0
