@@ -172,3 +172,16 @@ def test_ijepa_mode_with_clipping_trains(tmp_path):
     from iwm_fast.train.config import load_config as load
     saved = load(os.path.join(run, "config.yaml"))  # the resolved config is saved with the run
     assert saved.predictor.conditioning == "none" and saved.train.grad_clip == 1.0
+
+
+def test_flop_estimate_matches_hand_count():
+    from iwm_fast.models import IWM, IWMPredictor, VisionTransformer
+    from iwm_fast.train.metrics import step_flops
+    enc = VisionTransformer(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2)  # N = 4 tokens
+    model = IWM(enc, IWMPredictor(enc.grid, 8, 4, depth=1, num_heads=2, conditioning="none"))
+    lin_enc = 8 * 24 + 8 * 8 + 8 * 32 + 32 * 8          # qkv, proj, fc1, fc2 weights
+    lin_pred = 8 * 4 + 4 * 12 + 4 * 4 + 4 * 16 + 16 * 4 + 4 * 8  # embed, blocks, proj
+    B, Nc, S, L = 3, 2, 3, 5
+    want = (2 * lin_enc * B * 4 + 4 * B * 16 * 8) + 3 * (
+        2 * lin_enc * B * Nc + 4 * B * Nc ** 2 * 8 + 2 * lin_pred * S * L + 4 * S * L ** 2 * 4)
+    assert step_flops(model, B, Nc, S, L) == want

@@ -140,8 +140,12 @@ def train(cfg, *, loss_hook=None, max_steps=None):
                    "images_per_s": n_images / dt, "step_time_s": dt, "data_wait_frac": t_data / dt,
                    "peak_mem_mb": _peak_mem_mb(device), "skipped": int(skipped), "mfu": ""}
             if peak is not None:
-                mb0 = micro_batches[0]
-                flops = step_flops(model, n_images, mb0.ctx_idx.shape[1], mb0.tgt_idx[0].numel(), n_images)
+                _, M, Nt = micro_batches[0].tgt_idx.shape
+                Nc = micro_batches[0].ctx_idx.shape[1]
+                if cfg.predictor.target_mode == "per_block":  # one sequence per (sample, block)
+                    flops = step_flops(model, n_images, Nc, n_images * M, Nc + Nt)
+                else:
+                    flops = step_flops(model, n_images, Nc, n_images, Nc + M * Nt)
                 row["mfu"] = flops / dt / (peak * world)
             logger.log(row)
             bar.update(step + 1, loss, row["images_per_s"])

@@ -29,17 +29,17 @@ def _linear_flops(module, tokens):
     return 2 * n * tokens
 
 
-def step_flops(model, batch, num_ctx, num_pred_tokens, num_tgt_seq):
-    """Approximate training FLOPs of one IWM step: forward+backward (3x) for context encoder and predictor,
-    forward only for the target encoder."""
+def step_flops(model, batch, num_ctx, pred_seqs, pred_seq_len):
+    """Approximate training FLOPs of one IWM step: forward+backward (3x) for the context encoder and the
+    predictor (``pred_seqs`` sequences of ``pred_seq_len`` tokens), forward only for the target encoder."""
     enc, pred = model.encoder, model.predictor
     N, D = enc.num_patches, enc.embed_dim
     Dp = pred.predictor_embed.out_features
     depth, pdepth = len(enc.blocks), len(pred.predictor_blocks)
-    seq = num_ctx + num_pred_tokens
     target = _linear_flops(model.target_encoder, batch * N) + depth * 4 * batch * N * N * D
     context = _linear_flops(enc, batch * num_ctx) + depth * 4 * batch * num_ctx ** 2 * D
-    predictor = _linear_flops(pred, num_tgt_seq * seq) + pdepth * 4 * num_tgt_seq * seq ** 2 * Dp
+    predictor = (_linear_flops(pred, pred_seqs * pred_seq_len)
+                 + pdepth * 4 * pred_seqs * pred_seq_len ** 2 * Dp)
     return target + 3 * (context + predictor)
 
 
