@@ -2,6 +2,7 @@
 // Every random word is keyed by (seed, step, sample), so the result does not depend on the thread count.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "block_masks.h"
@@ -33,50 +34,56 @@ void batch_uniforms(uint64_t seed, uint64_t step, double* u_target, double* u_co
 
 namespace {
 
-// Calls fn(n0, len) for each run of context tokens of one row (t, h) of context block cc, in index order:
-// the row of the block minus the target intervals covering that row. Rows, not tokens, keep this cheap.
-template <class Fn>
-void for_each_context_run(const MaskSpec& s, const int32_t* corners, const int32_t* cc, int64_t t, int64_t h,
-                          Fn&& fn) {
-  const int64_t lo = cc[2], hi = cc[2] + s.context.w, row = t * s.H * s.W + h * s.W;
-  int64_t cut[2 * 64];
-  int64_t m = 0;
-  if (!s.allow_overlap) {
-    for (int64_t j = 0; j < s.num_targets; ++j) {
-      const int32_t* tc = corners + 3 * j;
-      if (t < tc[0] || t >= tc[0] + s.target.t || h < tc[1] || h >= tc[1] + s.target.h) continue;
-      const int64_t a = std::max<int64_t>(lo, tc[2]), b = std::min<int64_t>(hi, tc[2] + s.target.w);
-      if (a >= b) continue;
-      if (m == 64) {  // more overlapping targets than the buffer holds: fall back to a per-token scan
-        for (int64_t w = lo; w < hi; ++w)
-          if (!in_any_target(s, corners, t, h, w)) fn(row + w, 1);
-        return;
-      }
-      int64_t i = m++;  // insertion sort by start
-      for (; i > 0 && cut[2 * (i - 1)] > a; --i) cut[2 * i] = cut[2 * (i - 1)], cut[2 * i + 1] = cut[2 * i - 1];
-      cut[2 * i] = a, cut[2 * i + 1] = b;
-    }
-  }
-  int64_t w = lo;
-  for (int64_t i = 0; i < m; ++i) {
-    if (cut[2 * i] > w) fn(row + w, cut[2 * i] - w);
-    w = std::max(w, cut[2 * i + 1]);
-  }
-  if (w < hi) fn(row + w, hi - w);
+// Half-open box [t0, t1) x [h0, h1) x [w0, w1) of grid tokens.
+struct Box {
+  int64_t t0, t1, h0, h1, w0, w1;
+  int64_t size() const { return (t1 - t0) * (h1 - h0) * (w1 - w0); }
+  bool empty() const { return t0 >= t1 || h0 >= h1 || w0 >= w1; }
+};
+
+Box block_box(const int32_t* corner, const Extent& e) {
+  return Box{corner[0], corner[0] + e.t, corner[1], corner[1] + e.h, corner[2], corner[2] + e.w};
 }
 
-template <class Fn>
-void for_each_context_run(const MaskSpec& s, const int32_t* corners, int64_t c, Fn&& fn) {
-  const int32_t* cc = corners + 3 * (s.num_targets + c);
+Box intersect(const Box& a, const Box& b) {
+  return Box{std::max(a.t0, b.t0), std::min(a.t1, b.t1), std::max(a.h0, b.h0),
+             std::min(a.h1, b.h1), std::max(a.w0, b.w0), std::min(a.w1, b.w1)};
+}
+
+// |a ∩ (T_j ∪ T_j+1 ∪ ...)| by inclusion-exclusion over the target boxes, pruned at empty intersections:
+// |a ∩ U_{i>=j} T_i| = sum_{i>=j} |a ∩ T_i| - |a ∩ T_i ∩ U_{k>i} T_k|. Exact integer arithmetic, a handful of
+// box intersections per layout instead of a scan over the block's tokens.
+int64_t covered(const Box& a, const Box* targets, int64_t j, int64_t n) {
+  int64_t total = 0;
+  for (; j < n; ++j) {
+    const Box x = intersect(a, targets[j]);
+    if (x.empty()) continue;
+    total += x.size() - covered(x, targets, j + 1, n);
+  }
+  return total;
+}
+
+// Beyond this many targets the pruned inclusion-exclusion can blow up (2^n subsets when all overlap).
+constexpr int64_t kMaxInclusionExclusion = 10;
+constexpr int64_t kMaxTargetsOnStack = 64;
+
+// Tokens of context block cc not covered by any target: a token scan, for layouts with many targets.
+int64_t context_count_scan(const MaskSpec& s, const int32_t* corners, const int32_t* cc) {
+  int64_t n = 0;
   for (int64_t t = cc[0]; t < cc[0] + s.context.t; ++t)
-    for (int64_t h = cc[1]; h < cc[1] + s.context.h; ++h) for_each_context_run(s, corners, cc, t, h, fn);
+    for (int64_t h = cc[1]; h < cc[1] + s.context.h; ++h)
+      for (int64_t w = cc[2]; w < cc[2] + s.context.w; ++w) n += !in_any_target(s, corners, t, h, w);
+  return n;
 }
 
 int64_t context_count(const MaskSpec& s, const int32_t* corners, int64_t c) {
   if (s.allow_overlap) return s.context.size();
-  int64_t n = 0;
-  for_each_context_run(s, corners, c, [&](int64_t, int64_t len) { n += len; });
-  return n;
+  const int32_t* cc = corners + 3 * (s.num_targets + c);
+  if (s.num_targets > kMaxInclusionExclusion) return context_count_scan(s, corners, cc);
+  Box targets[kMaxInclusionExclusion];
+  for (int64_t j = 0; j < s.num_targets; ++j) targets[j] = block_box(corners + 3 * j, s.target);
+  const Box box = block_box(cc, s.context);
+  return box.size() - covered(box, targets, 0, s.num_targets);
 }
 
 void sample_layout(const MaskSpec& s, int64_t b, int32_t* corners, int64_t* count) {
@@ -92,71 +99,126 @@ void sample_layout(const MaskSpec& s, int64_t b, int32_t* corners, int64_t* coun
   *count = -1;
 }
 
+// Truncation keys of quads idx[0..n): out[4 i + k] = word k of the Philox draw at index idx[i]. The counter
+// differs between quads only in its first word, so the loop vectorises; compiled for AVX-512 and AVX2 too and
+// picked at load time (the same integer arithmetic, so the same words, on every path).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void truncation_keys(uint64_t seed, uint64_t step, uint32_t sample, const uint32_t* __restrict__ idx, int64_t n,
+                     uint32_t* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Philox4 r = mask_draw(seed, step, kStreamTruncate, sample, idx[i]);
+    out[4 * i] = r.x, out[4 * i + 1] = r.y, out[4 * i + 2] = r.z, out[4 * i + 3] = r.w;
+  }
+}
+
 struct Scratch {
-  std::vector<uint32_t> tokens, keys;
+  std::vector<uint8_t> in;         // context region: 1 = context token
+  std::vector<uint32_t> tokens;    // context tokens, ascending flat index
+  std::vector<uint32_t> quads;     // distinct quads (key words) the context tokens use, ascending
+  std::vector<uint32_t> words;     // their 4 key words each
+  std::vector<uint64_t> pairs;     // (key << 32) | token
   std::vector<uint64_t> bucket;
+  void reserve(const MaskSpec& s) {
+    const size_t n = static_cast<size_t>(s.context.size());
+    in.resize(n), tokens.resize(n), quads.resize(n + 1), words.resize(4 * n + 4), pairs.resize(n), bucket.resize(n);
+  }
 };
 
 // Keeps the `keep` context tokens with the smallest (key, index), as the Python reference and the CUDA kernel,
 // by radix selection on the top key byte: linear passes instead of a sort.
 void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t c, int64_t keep, int64_t* out,
                    Scratch& sc) {
-  const int32_t* cc = corners + 3 * (s.num_targets + c);
-  const int64_t HW = s.H * s.W;
-  const int64_t first = cc[0] * HW + cc[1] * s.W + cc[2];
-  const int64_t last_n = (cc[0] + s.context.t - 1) * HW + (cc[1] + s.context.h - 1) * s.W + cc[2] + s.context.w - 1;
-  // Keys of every quad spanned by the context block, in one tight (vectorisable) loop.
-  const int64_t q0 = first / 4, q1 = last_n / 4, quads = (s.tokens() + 3) / 4;
-  sc.keys.resize(static_cast<size_t>(4 * (q1 - q0 + 1)));
-  for (int64_t q = q0; q <= q1; ++q) {
-    const Philox4 r = mask_draw(s.seed, s.step, kStreamTruncate, static_cast<uint32_t>(b),
-                                static_cast<uint32_t>(c * quads + q));
-    uint32_t* k = &sc.keys[static_cast<size_t>(4 * (q - q0))];
-    k[0] = r.x, k[1] = r.y, k[2] = r.z, k[3] = r.w;
-  }
-  const uint32_t* key = sc.keys.data() - 4 * q0;
-  // Context tokens in index order, with a histogram of their keys' top byte.
-  int64_t hist[256] = {};
-  sc.tokens.resize(static_cast<size_t>(s.context.size()));
-  int64_t count = 0;
-  for_each_context_run(s, corners, c, [&](int64_t n0, int64_t len) {
-    uint32_t* dst = sc.tokens.data() + count;
-    for (int64_t i = 0; i < len; ++i) {
-      dst[i] = static_cast<uint32_t>(n0 + i);
-      ++hist[key[n0 + i] >> 24];
+  const Box box = block_box(corners + 3 * (s.num_targets + c), s.context);
+  const int64_t HW = s.H * s.W, ch = s.context.h, cw = s.context.w, csize = s.context.size();
+  // Membership over the context block: all in, then the target boxes cleared row by row.
+  uint8_t* in = sc.in.data();
+  std::memset(in, 1, static_cast<size_t>(csize));
+  if (!s.allow_overlap) {
+    for (int64_t j = 0; j < s.num_targets; ++j) {
+      const Box x = intersect(box, block_box(corners + 3 * j, s.target));
+      if (x.empty()) continue;
+      for (int64_t t = x.t0; t < x.t1; ++t)
+        for (int64_t h = x.h0; h < x.h1; ++h)
+          std::memset(in + ((t - box.t0) * ch + (h - box.h0)) * cw + (x.w0 - box.w0), 0,
+                      static_cast<size_t>(x.w1 - x.w0));
     }
-    count += len;
-  });
-  if (count == keep) {
-    std::copy(sc.tokens.begin(), sc.tokens.begin() + count, out);
+  }
+  // Context tokens in ascending order (branch-free compaction of each row).
+  uint32_t* tokens = sc.tokens.data();
+  int64_t count = 0;
+  for (int64_t t = box.t0; t < box.t1; ++t)
+    for (int64_t h = box.h0; h < box.h1; ++h) {
+      const uint8_t* row_in = in + ((t - box.t0) * ch + (h - box.h0)) * cw;
+      const uint32_t n0 = static_cast<uint32_t>(t * HW + h * s.W + box.w0);
+      for (int64_t w = 0; w < cw; ++w) {
+        tokens[count] = n0 + static_cast<uint32_t>(w);
+        count += row_in[w];
+      }
+    }
+  if (count == keep) {  // nothing to drop: no keys needed
+    for (int64_t i = 0; i < count; ++i) out[i] = tokens[i];
     return;
+  }
+  // Keys only for the quads that hold context tokens (targets leave whole quads out).
+  const uint32_t quads_per_context = static_cast<uint32_t>((s.tokens() + 3) / 4);
+  const uint32_t base = static_cast<uint32_t>(c) * quads_per_context;
+  uint32_t* quads = sc.quads.data();
+  int64_t nq = 0;
+  uint32_t last = ~0u;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t q = tokens[i] >> 2;
+    quads[nq] = base + q;
+    nq += q != last;
+    last = q;
+  }
+  uint32_t* words = sc.words.data();
+  truncation_keys(s.seed, s.step, static_cast<uint32_t>(b), quads, nq, words);
+  // (key, token) pairs in token order and a histogram of the keys' top byte.
+  int64_t hist[256] = {};
+  uint64_t* pairs = sc.pairs.data();
+  {
+    int64_t qi = -1;
+    last = ~0u;
+    for (int64_t i = 0; i < count; ++i) {
+      const uint32_t n = tokens[i], q = n >> 2;
+      qi += q != last;
+      last = q;
+      const uint32_t key = words[4 * qi + (n & 3)];
+      pairs[i] = (static_cast<uint64_t>(key) << 32) | n;
+      ++hist[key >> 24];
+    }
   }
   int64_t below = 0, top = 0;
   while (below + hist[top] < keep) below += hist[top++];
-  sc.bucket.clear();
+  uint64_t* bucket = sc.bucket.data();
+  int64_t nb = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const uint32_t n = sc.tokens[static_cast<size_t>(i)];
-    if ((key[n] >> 24) == static_cast<uint32_t>(top)) sc.bucket.push_back((static_cast<uint64_t>(key[n]) << 32) | n);
+    bucket[nb] = pairs[i];
+    nb += (pairs[i] >> 56) == static_cast<uint64_t>(top);
   }
-  const int64_t need = keep - below;  // 1 <= need <= bucket size
-  std::nth_element(sc.bucket.begin(), sc.bucket.begin() + (need - 1), sc.bucket.end());
+  const int64_t need = keep - below;  // 1 <= need <= nb
+  std::nth_element(bucket, bucket + (need - 1), bucket + nb);
   // Kept iff (key, index) <= the keep-th smallest pair. Branch-free: the decision is a coin flip per token.
-  const uint64_t cut = sc.bucket[static_cast<size_t>(need - 1)];
+  const uint64_t cut = bucket[need - 1];
   int64_t kept = 0;
   for (int64_t i = 0; i < count && kept < keep; ++i) {  // kept < keep: never write past the row
-    const uint32_t n = sc.tokens[static_cast<size_t>(i)];
-    out[kept] = n;
-    kept += static_cast<int64_t>(((static_cast<uint64_t>(key[n]) << 32) | n) <= cut);
+    out[kept] = static_cast<uint32_t>(pairs[i]);
+    kept += static_cast<int64_t>(pairs[i] <= cut);
   }
 }
 
-void write_targets(const MaskSpec& s, const int32_t* corners, int64_t* out) {
+void write_targets(const MaskSpec& s, const int32_t* corners, int64_t* __restrict__ out) {
   const int64_t HW = s.H * s.W;
   for (int64_t j = 0; j < s.num_targets; ++j) {
     const int32_t* tc = corners + 3 * j;
     for (int64_t t = tc[0]; t < tc[0] + s.target.t; ++t)
-      for (int64_t h = tc[1]; h < tc[1] + s.target.h; ++h)
-        for (int64_t w = tc[2]; w < tc[2] + s.target.w; ++w) *out++ = t * HW + h * s.W + w;
+      for (int64_t h = tc[1]; h < tc[1] + s.target.h; ++h) {
+        const int64_t n0 = t * HW + h * s.W + tc[2];
+        for (int64_t w = 0; w < s.target.w; ++w) out[w] = n0 + w;
+        out += s.target.w;
+      }
   }
 }
 
@@ -174,6 +236,7 @@ void write_masks_cpu(const MaskSpec& s, const int32_t* corners, int64_t keep, in
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
   {
     Scratch scratch;
+    scratch.reserve(s);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < s.batch; ++b) {
       const int32_t* corners_b = corners + b * stride;
