@@ -16,41 +16,12 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from ..kernels.attention import check_layout
 from ..kernels.attention_op import triton_attention
 
 BACKENDS = ("auto", "triton", "sdpa", "flash_attn", "xformers")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
-
-
-def _check(q, k, v, key_lengths):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must have layout [B, H, N, D] (4 dims), got shape {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"attention: {name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
-        raise ValueError("attention: q [B, H, Nq, D] and k/v [B, H, Nk, D] must agree on B, H and D, got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
-    if key_lengths is not None:
-        if not isinstance(key_lengths, torch.Tensor):
-            raise TypeError(f"attention: key_lengths must be an integer tensor of shape [B], "
-                            f"got {type(key_lengths).__name__}")
-        if key_lengths.dtype.is_floating_point or key_lengths.dtype.is_complex or key_lengths.dtype == torch.bool:
-            raise TypeError(f"attention: key_lengths must be an integer tensor, got {key_lengths.dtype}")
-        if key_lengths.shape != (q.shape[0],):
-            raise ValueError(f"attention: key_lengths must have shape [B]=({q.shape[0]},), "
-                             f"got {tuple(key_lengths.shape)}")
-        if key_lengths.device != q.device:
-            raise ValueError(f"attention: key_lengths is on {key_lengths.device} but q is on {q.device}")
 
 
 def _triton_available():
@@ -115,7 +86,7 @@ def attention(q, k, v, *, scale=None, key_lengths=None, backend="auto"):
     """softmax(q @ k^T * scale) @ v over [B, H, N, D] tensors; ``scale`` defaults to D ** -0.5."""
     if backend not in BACKENDS:
         raise ValueError(f"attention: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    _check(q, k, v, key_lengths)
+    check_layout(q, k, v, key_lengths)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "auto":
