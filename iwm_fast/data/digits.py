@@ -30,16 +30,18 @@ def _split_indices(labels):
 
 
 def _colour_pair(index):
-    """Foreground and background RGB for digit ``index``: hues at least a quarter-turn apart, one bright
-    and one dark, so the digit stays legible under grayscale and every image has real colour."""
+    """Foreground and background RGB for digit ``index``: bright ink of a random hue on dark paper of another hue.
+
+    The polarity is the same for every image (ink brighter than paper), so the digit's shape, not its colour
+    scheme, is what separates the classes; the hues and saturations vary per image, so every image has real
+    colour for the colour-jitter actions to change.
+    """
     rng = np.random.default_rng([_COLOUR_SEED, int(index)])
-    u = rng.random(7)
+    u = rng.random(6)
     h_fg = u[0]
     h_bg = (h_fg + 0.25 + 0.5 * u[1]) % 1.0
-    bright, dark = 0.75 + 0.25 * u[2], 0.1 + 0.3 * u[3]
-    v_fg, v_bg = (bright, dark) if u[4] < 0.5 else (dark, bright)
-    fg = colorsys.hsv_to_rgb(h_fg, 0.5 + 0.5 * u[5], v_fg)
-    bg = colorsys.hsv_to_rgb(h_bg, 0.3 + 0.7 * u[6], v_bg)
+    fg = colorsys.hsv_to_rgb(h_fg, 0.4 + 0.6 * u[2], 0.7 + 0.3 * u[3])
+    bg = colorsys.hsv_to_rgb(h_bg, 0.5 + 0.5 * u[4], 0.1 + 0.25 * u[5])
     return fg, bg
 
 
