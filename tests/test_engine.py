@@ -185,3 +185,12 @@ def test_flop_estimate_matches_hand_count():
     want = (2 * lin_enc * B * 4 + 4 * B * 16 * 8) + 3 * (
         2 * lin_enc * B * Nc + 4 * B * Nc ** 2 * 8 + 2 * lin_pred * S * L + 4 * S * L ** 2 * 4)
     assert step_flops(model, B, Nc, S, L) == want
+
+
+def test_resuming_with_another_model_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(run, "train.steps=2", "train.checkpoint_every=1"), max_steps=1)
+    with pytest.raises(ValueError, match="model: .*different run|different run.*model"):
+        train(tiny_cfg(run, "train.steps=2", "train.checkpoint_every=1", "model.depth=2"))
+    train(tiny_cfg(run, "train.steps=3", "train.checkpoint_every=1"))  # more steps is a continuation
+    assert ckpt.latest_checkpoint(run / "checkpoints").endswith("step_00000003")

@@ -11,7 +11,7 @@ from ..models import IWM, IWMPredictor, build_vit
 from ..ops.gather import set_index_check
 from ..transforms import ACTION_DIM
 from . import checkpoint as ckpt
-from .config import save_config
+from .config import load_config, save_config, to_dict
 from .data import BatchStream, rows_in_step
 from .metrics import MetricsLogger, ProgressBar, peak_flops, step_flops
 from .parallel import parallelize, resolve_precision
@@ -62,6 +62,29 @@ def build_model(cfg):
     return IWM(encoder, predictor, loss=cfg.train.loss)
 
 
+# Sections whose change makes a checkpoint unusable (shapes) or its continuation a different run.
+RESUME_KEYS = ("model", "predictor", "data", "masks", "augment", "train.seed", "train.batch_size", "train.loss")
+
+
+def check_resumable(cfg, run_dir):
+    """A run directory with checkpoints resumes only under the same model, data and recipe."""
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(saved_path):
+        return
+    saved, now = to_dict(load_config(saved_path)), to_dict(cfg)
+    diffs = []
+    for key in RESUME_KEYS:
+        section, _, field = key.partition(".")
+        a, b = saved[section], now[section]
+        if field:
+            a, b = a[field], b[field]
+        if a != b:
+            diffs.append(f"{key}: {a!r} in the run, {b!r} now")
+    if diffs:
+        raise ValueError(f"{run_dir} holds checkpoints of a different run ({'; '.join(diffs)}); "
+                         "resume with the same config, or pick another train.out_dir")
+
+
 def _check_batching(cfg, world):
     t = cfg.train
     if t.batch_size % (world * t.accum_steps):
@@ -85,6 +108,8 @@ def train(cfg, *, loss_hook=None, max_steps=None):
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     precision = resolve_precision(t.precision, device)
     micro = _check_batching(cfg, world)
+    if ckpt.latest_checkpoint(ckpt_dir) is not None:
+        check_resumable(cfg, run_dir)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
