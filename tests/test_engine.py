@@ -65,6 +65,8 @@ def test_resume_is_bit_identical(tmp_path):
     assert losses(part) == losses(full)  # the CSV keeps each step once: 1-3 from before the kill, 4-6 after
     want, got = _final_state(full), _final_state(part)
     assert all(torch.equal(want[k], got[k]) for k in want)
+    train(tiny_cfg(part, *steps))  # a finished run is not trained again
+    assert losses(part) == losses(full)
 
 
 def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):

@@ -129,6 +129,12 @@ def train(cfg, *, loss_hook=None, max_steps=None):
     if last is not None:
         meta = ckpt.load_checkpoint(last, model, optimizer)
         start_step, skipped_images = meta["step"], meta.get("skipped_images", 0)
+        if start_step >= t.steps:
+            if rank == 0:
+                log.info("%s already finished its %d steps; its evaluation is in %s (iwm-eval re-runs it); "
+                         "give another train.out_dir to train again", run_dir, t.steps,
+                         os.path.join(run_dir, "eval.json"))
+            return run_dir
         if rank == 0:
             log.info("resumed from %s at step %d", last, start_step)
     data = BatchStream(cfg, rank=rank, world_size=world, micro_batch=micro,
