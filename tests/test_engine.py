@@ -12,7 +12,7 @@ from iwm_fast.train.config import load_config
 from iwm_fast.train.loop import NonFiniteLossError, train
 
 # ViT-tiny on 24-pixel digits with patch 4: a 6x6 grid, small enough for many CPU steps.
-TINY = ["model.size=tiny", "model.patch_size=4", "data.image_size=24", "data.num_workers=0",
+TINY = ["model.size=tiny", "model.depth=0", "model.patch_size=4", "data.image_size=24", "data.num_workers=0",
         "predictor.depth=1", "predictor.width=48", "masks.min_keep=2", "masks.num_targets=2",
         "train.batch_size=8", "train.warmup_steps=5", "train.lr=5e-4", "train.log_every=1000",
         "train.device=cpu", "eval.enabled=false"]
