@@ -5,7 +5,6 @@ device, so nothing giant is allocated twice); the CPU run uses a 2-block ViT-tin
 parameter: read target + read online + write target (12 for fp32, 10 for fp32 target / bf16 online). The
 copy reference moves the same bytes with one ``copy_`` in the same run.
 """
-import os
 
 import torch
 
@@ -30,16 +29,9 @@ def _sets(device, quick):
     return sets[:1] if quick else sets
 
 
-def _timed(fn, device):
-    for _ in range(3):  # first calls pay one-time table builds / dispatcher costs
-        fn()
-    return harness.time_ms(fn, device)
-
-
 def run(device, quick):
     dev = torch.device(device)
-    if dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        print("warning: TRITON_INTERPRET=1 on CUDA runs the kernels in the interpreter; unset it to benchmark")
+    harness.warn_if_interpreting(dev)
     from ..ops.ema import ema_update_
 
     meta = harness.metadata(device)
@@ -57,7 +49,7 @@ def run(device, quick):
 
             src = torch.empty(bytes_moved // 2 // 4, device=dev, dtype=torch.float32)
             dst = torch.empty_like(src)
-            copy_gbs = harness.rate(bytes_moved, _timed(lambda: dst.copy_(src), device), 1e9)
+            copy_gbs = harness.rate(bytes_moved, harness.time_warm_ms(lambda: dst.copy_(src), device), 1e9)
             rows.append(harness.row("ema", "copy", shape, dtype, "GB/s", copy_gbs, meta))
             del src, dst
 
@@ -74,7 +66,7 @@ def run(device, quick):
                 providers["foreach_lerp_"] = lambda: torch._foreach_lerp_(targets, onlines, 1 - m)
             times = {}
             for prov, fn in providers.items():
-                t = _timed(fn, device)
+                t = harness.time_warm_ms(fn, device)
                 times[prov] = t
                 gbs = harness.rate(bytes_moved, t, 1e9)
                 rows.append(harness.row("ema", prov, shape, dtype, "ms", t, meta))

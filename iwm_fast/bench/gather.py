@@ -5,7 +5,6 @@ Forward bytes: read K*D of x (+ K*D of pos) per row, write K*D, read the indices
 (read + write) in one ``copy_`` in the same run. Index checks are off while timing (``set_index_check``),
 so the numbers are the kernels'; the default host check adds one sync per call.
 """
-import os
 
 import torch
 
@@ -39,16 +38,9 @@ def _torch_reference(x, masks, pos):
     return torch.cat(outs, 0)
 
 
-def _timed(fn, device):
-    for _ in range(3):  # first calls pay one-time dispatcher / compile costs
-        fn()
-    return harness.time_ms(fn, device)
-
-
 def run(device, quick):
     dev = torch.device(device)
-    if dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        print("warning: TRITON_INTERPRET=1 on CUDA runs the kernels in the interpreter; unset it to benchmark")
+    harness.warn_if_interpreting(dev)
     from ..ops import gather as G
 
     meta = harness.metadata(device)
@@ -73,14 +65,14 @@ def run(device, quick):
 
             copy_src = torch.empty(fwd_bytes // 2 // es, device=dev, dtype=dtype)
             copy_dst = torch.empty_like(copy_src)
-            t_copy = _timed(lambda: copy_dst.copy_(copy_src), device)
+            t_copy = harness.time_warm_ms(lambda: copy_dst.copy_(copy_src), device)
             copy_gbs = harness.rate(2 * copy_src.numel() * es, t_copy, 1e9)
             rows.append(harness.row("gather_fwd", "copy", shape, dtype, "GB/s", copy_gbs, meta))
 
             fwd = {"iwm_fast": lambda: G.apply_masks(x, masks, pos=pos),
                    "torch.gather": lambda: _torch_reference(x, masks, pos)}
             for prov, fn in fwd.items():
-                t = _timed(fn, device)
+                t = harness.time_warm_ms(fn, device)
                 gbs = harness.rate(fwd_bytes, t, 1e9)
                 rows.append(harness.row("gather_fwd", prov, shape, dtype, "ms", t, meta))
                 rows.append(harness.row("gather_fwd", prov, shape, dtype, "GB/s", gbs, meta))
@@ -100,7 +92,7 @@ def run(device, quick):
             bwd = {"iwm_fast": lambda: G._scatter_op(grad, idx, B, N, True, dtype),
                    "torch.scatter_add": torch_bwd}
             for prov, fn in bwd.items():
-                t = _timed(fn, device)
+                t = harness.time_warm_ms(fn, device)
                 gbs = harness.rate(bwd_bytes, t, 1e9)
                 rows.append(harness.row("gather_bwd", prov, shape, dtype, "ms", t, meta))
                 rows.append(harness.row("gather_bwd", prov, shape, dtype, "GB/s", gbs, meta))

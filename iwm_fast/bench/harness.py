@@ -38,6 +38,18 @@ def time_ms(fn, device, warmup=5, reps=50, cpu_reps=5):
     return _quantiles(samples)
 
 
+def time_warm_ms(fn, device, warm_calls=3):
+    """``time_ms`` after a few untimed calls that pay one-time costs (table builds, dispatch, compilation)."""
+    for _ in range(warm_calls):
+        fn()
+    return time_ms(fn, device)
+
+
+def warn_if_interpreting(device):
+    if torch.device(device).type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        print("warning: TRITON_INTERPRET=1 on CUDA runs the kernels in the interpreter; unset it to benchmark")
+
+
 def git_commit():
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
