@@ -108,7 +108,8 @@ def train(cfg, *, loss_hook=None, max_steps=None):
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     precision = resolve_precision(t.precision, device)
     micro = _check_batching(cfg, world)
-    if ckpt.latest_checkpoint(ckpt_dir) is not None:
+    last = ckpt.latest_checkpoint(ckpt_dir)
+    if last is not None:
         check_resumable(cfg, run_dir)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -125,7 +126,6 @@ def train(cfg, *, loss_hook=None, max_steps=None):
         scaler = ShardedGradScaler()
 
     start_step, skipped_images, bad_steps = 0, 0, 0
-    last = ckpt.latest_checkpoint(ckpt_dir)
     if last is not None:
         meta = ckpt.load_checkpoint(last, model, optimizer)
         start_step, skipped_images = meta["step"], meta.get("skipped_images", 0)
