@@ -38,6 +38,19 @@ def _torch_reference(x, masks, pos):
     return torch.cat(outs, 0)
 
 
+def _bandwidth_rows(kernel, providers, nbytes, copy_gbs, shape, dtype, device, meta):
+    """ms, GB/s and the fraction of the same run's copy bandwidth, for each provider's function."""
+    rows = []
+    for prov, fn in providers.items():
+        t = harness.time_warm_ms(fn, device)
+        gbs = harness.rate(nbytes, t, 1e9)
+        rows.append(harness.row(kernel, prov, shape, dtype, "ms", t, meta))
+        rows.append(harness.row(kernel, prov, shape, dtype, "GB/s", gbs, meta))
+        rows.append(harness.row(kernel, prov, shape, dtype, "fraction_of_copy",
+                                tuple(a / copy_gbs[0] for a in gbs), meta))
+    return rows
+
+
 def run(device, quick):
     dev = torch.device(device)
     harness.warn_if_interpreting(dev)
@@ -71,13 +84,7 @@ def run(device, quick):
 
             fwd = {"iwm_fast": lambda: G.apply_masks(x, masks, pos=pos),
                    "torch.gather": lambda: _torch_reference(x, masks, pos)}
-            for prov, fn in fwd.items():
-                t = harness.time_warm_ms(fn, device)
-                gbs = harness.rate(fwd_bytes, t, 1e9)
-                rows.append(harness.row("gather_fwd", prov, shape, dtype, "ms", t, meta))
-                rows.append(harness.row("gather_fwd", prov, shape, dtype, "GB/s", gbs, meta))
-                rows.append(harness.row("gather_fwd", prov, shape, dtype, "fraction_of_copy",
-                                        tuple(a / copy_gbs[0] for a in gbs), meta))
+            rows += _bandwidth_rows("gather_fwd", fwd, fwd_bytes, copy_gbs, shape, dtype, device, meta)
 
             if expanded:
                 continue
@@ -91,13 +98,7 @@ def run(device, quick):
 
             bwd = {"iwm_fast": lambda: G._scatter_op(grad, idx, B, N, True, dtype),
                    "torch.scatter_add": torch_bwd}
-            for prov, fn in bwd.items():
-                t = harness.time_warm_ms(fn, device)
-                gbs = harness.rate(bwd_bytes, t, 1e9)
-                rows.append(harness.row("gather_bwd", prov, shape, dtype, "ms", t, meta))
-                rows.append(harness.row("gather_bwd", prov, shape, dtype, "GB/s", gbs, meta))
-                rows.append(harness.row("gather_bwd", prov, shape, dtype, "fraction_of_copy",
-                                        tuple(a / copy_gbs[0] for a in gbs), meta))
+            rows += _bandwidth_rows("gather_bwd", bwd, bwd_bytes, copy_gbs, shape, dtype, device, meta)
     finally:
         G.set_index_check(old_mode)
     return rows
