@@ -196,3 +196,23 @@ def test_resuming_with_another_model_is_refused(tmp_path):
         train(tiny_cfg(run, "train.steps=2", "train.checkpoint_every=1", "model.depth=2"))
     train(tiny_cfg(run, "train.steps=3", "train.checkpoint_every=1"))  # more steps is a continuation
     assert ckpt.latest_checkpoint(run / "checkpoints").endswith("step_00000003")
+
+
+def test_eval_of_a_folder_run_decodes_only_its_subset(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from iwm_fast.train.evaluate import _eval_splits
+    root = tmp_path / "imgs"
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(np.full((24, 24, 3), 40 * c + i, np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    cfg = tiny_cfg(tmp_path / "run", "data.dataset=imagefolder", f"data.root={root}", "eval.max_train_images=10")
+    from iwm_fast import data
+    read = []
+    original = data.ImageFolder.__getitem__
+    monkeypatch.setattr(data.ImageFolder, "__getitem__", lambda self, k: read.append(k) or original(self, k))
+    (xtr, ytr), (xva, yva) = _eval_splits(cfg)
+    assert len(read) == 10 and len(set(read)) == 10
+    assert xtr.shape == (8, 3, 24, 24) and xva.shape == (2, 3, 24, 24)

@@ -11,11 +11,10 @@ from .config import load_config
 log = logging.getLogger("iwm_fast")
 
 
-def _images_and_labels(dataset, limit):
-    n = min(len(dataset), limit)
+def _images_and_labels(dataset, indices):
     images, labels = [], []
-    for i in range(n):
-        item = dataset[i]
+    for i in indices:
+        item = dataset[int(i)]
         if item is None:  # an unreadable file
             continue
         image, label = item[0], item[1]
@@ -30,16 +29,17 @@ def _eval_splits(cfg):
     from .data import build_dataset
 
     train_set = build_dataset(cfg, "train", crop=False)
+    limit = cfg.eval.max_train_images
     if cfg.data.dataset == "digits":
         val_set = build_dataset(cfg, "val", crop=False)
-        return (_images_and_labels(train_set, cfg.eval.max_train_images),
-                _images_and_labels(val_set, cfg.eval.max_train_images))
-    # A folder dataset without a validation split: hold out a fixed fifth of a seeded subset.
-    x, y = _images_and_labels(train_set, len(train_set))
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.train.seed))
-    cut = int(0.8 * min(len(y), cfg.eval.max_train_images))
-    keep = perm[:min(len(y), cfg.eval.max_train_images)]
-    return (x[keep[:cut]], y[keep[:cut]]), (x[keep[cut:]], y[keep[cut:]])
+        return (_images_and_labels(train_set, range(min(len(train_set), limit))),
+                _images_and_labels(val_set, range(min(len(val_set), limit))))
+    # A folder dataset without a validation split: hold out a fixed fifth of a seeded subset, decoding only
+    # the subset (a folder may hold millions of images).
+    perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.train.seed))
+    keep = perm[:min(len(train_set), limit)]
+    cut = int(0.8 * len(keep))
+    return _images_and_labels(train_set, keep[:cut]), _images_and_labels(train_set, keep[cut:])
 
 
 def _load_latest_state(run_dir, model):
