@@ -31,7 +31,7 @@ class IWM(nn.Module):
         tgt = as_target_tensor(tgt_idx)
         B, M, Nt = tgt.shape
         if self.predictor.target_mode == "per_block":
-            return apply_masks(h, list(tgt.unbind(1)))
+            return apply_masks(h, tgt.transpose(0, 1))  # [M, B, Nt]: block-major rows
         return masked_gather(h, tgt.reshape(B, M * Nt))
 
     def predict(self, source_images, ctx_idx, tgt_idx, action=None):

@@ -124,7 +124,7 @@ class IWMPredictor(nn.Module):
         # Mask tokens: mask_token + pos[idx], built in one fused gather.
         base = self.mask_token.to(x.dtype).expand(B, N, D)
         if self.target_mode == "per_block":
-            tokens = apply_masks(base, list(tgt.unbind(1)), pos=pos)  # [M*B, Nt, D]
+            tokens = apply_masks(base, tgt.transpose(0, 1), pos=pos)  # [M*B, Nt, D]
             x = x.repeat(M, 1, 1)
             action = action.repeat(M, 1) if action is not None else None
         else:
