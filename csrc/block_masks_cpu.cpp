@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "block_masks.h"
+#include "block_masks_simd.h"
 
 namespace iwm_fast {
 
@@ -120,16 +121,22 @@ struct Scratch {
   std::vector<uint32_t> words;     // their 4 key words each
   std::vector<uint64_t> pairs;     // (key << 32) | token
   std::vector<uint64_t> bucket;
+  // The AVX-512 path: the context's rows as membership words, the keys of their tokens, and the candidates.
+  std::vector<uint64_t> row_bits;
+  std::vector<uint32_t> row_key, win_key, win_tok;
   void reserve(const MaskSpec& s) {
     const size_t n = static_cast<size_t>(s.context.size());
     in.resize(n), tokens.resize(n), quads.resize(n + 1), words.resize(4 * n + 4), pairs.resize(n), bucket.resize(n);
+    const size_t n_all = static_cast<size_t>(s.tokens());
+    row_bits.resize(static_cast<size_t>(s.T * s.H)), row_key.resize(n_all + 80);  // + vector over-reads
+    win_key.resize(n_all), win_tok.resize(n_all);
   }
 };
 
 // Keeps the `keep` context tokens with the smallest (key, index), as the Python reference and the CUDA kernel,
-// by radix selection on the top key byte: linear passes instead of a sort.
-void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t c, int64_t keep, int64_t* out,
-                   Scratch& sc) {
+// by radix selection on the top key byte: linear passes instead of a sort. The portable path.
+void write_context_scalar(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t c, int64_t keep,
+                          int64_t* out, Scratch& sc) {
   const Box box = block_box(corners + 3 * (s.num_targets + c), s.context);
   const int64_t HW = s.H * s.W, ch = s.context.h, cw = s.context.w, csize = s.context.size();
   // Membership over the context block: all in, then the target boxes cleared row by row.
@@ -207,6 +214,41 @@ void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t
     out[kept] = static_cast<uint32_t>(pairs[i]);
     kept += static_cast<int64_t>(pairs[i] <= cut);
   }
+}
+
+// The AVX-512 path: the context's rows as 64-bit membership words, keys for every token of those rows, then
+// truncate_context_avx512; the portable path for wide grids or when it declines.
+void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t c, int64_t keep, int64_t* out,
+                   Scratch& sc) {
+  if (!simd_path_available() || s.W > kSimdMaxWidth) return write_context_scalar(s, b, corners, c, keep, out, sc);
+  const Box box = block_box(corners + 3 * (s.num_targets + c), s.context);
+  const int64_t first_row = box.t0 * s.H + box.h0, num_rows = (box.t1 - 1) * s.H + box.h1 - first_row;
+  uint64_t* rows = sc.row_bits.data();
+  std::fill(rows, rows + num_rows, uint64_t{0});
+  auto span_bits = [](int64_t w0, int64_t w1) {  // bits w0 .. w1 - 1
+    return (w1 - w0 == 64 ? ~uint64_t{0} : (uint64_t{1} << (w1 - w0)) - 1) << w0;
+  };
+  const uint64_t ctx_bits = span_bits(box.w0, box.w1);
+  for (int64_t t = box.t0; t < box.t1; ++t)
+    for (int64_t h = box.h0; h < box.h1; ++h) rows[t * s.H + h - first_row] = ctx_bits;
+  if (!s.allow_overlap)
+    for (int64_t j = 0; j < s.num_targets; ++j) {
+      const Box x = intersect(box, block_box(corners + 3 * j, s.target));
+      if (x.empty()) continue;
+      const uint64_t clear = ~span_bits(x.w0, x.w1);
+      for (int64_t t = x.t0; t < x.t1; ++t)
+        for (int64_t h = x.h0; h < x.h1; ++h) rows[t * s.H + h - first_row] &= clear;
+    }
+  // Keys of every token of the rows (also when nothing is dropped: only the batch's smallest contexts).
+  const int64_t first = first_row * s.W;
+  const uint32_t quads_per_context = static_cast<uint32_t>((s.tokens() + 3) / 4);
+  const int64_t q0 = first >> 2, nq = ((first + num_rows * s.W - 1) >> 2) - q0 + 1;
+  truncation_keys_avx512(s.seed, s.step, static_cast<uint32_t>(b),
+                         static_cast<uint32_t>(c) * quads_per_context + static_cast<uint32_t>(q0), nq,
+                         sc.row_key.data());
+  const SimdContext ctx{rows, num_rows, s.W, first, sc.row_key.data() + (first - 4 * q0)};
+  if (!truncate_context_avx512(ctx, keep, out, sc.win_key.data(), sc.win_tok.data()))
+    write_context_scalar(s, b, corners, c, keep, out, sc);
 }
 
 void write_targets(const MaskSpec& s, const int32_t* corners, int64_t* __restrict__ out) {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "block_masks.h"
+#include "block_masks_simd.h"
 
 using namespace iwm_fast;
 
@@ -52,7 +53,7 @@ static Result run(const MaskSpec& s, int threads) {
   sample_layouts_cpu(s, r.corners.data(), counts.data(), threads);
   r.keep = *std::min_element(counts.begin(), counts.end());
   EXPECT(r.keep >= s.min_keep);
-  r.context.resize(s.batch * r.keep);
+  r.context.resize(s.batch * s.num_contexts * r.keep);
   r.targets.resize(s.batch * s.num_targets * s.target.size());
   write_masks_cpu(s, r.corners.data(), r.keep, r.context.data(), r.targets.data(), threads);
   return r;
@@ -106,6 +107,36 @@ static void test_last_row_and_column_reachable() {
   EXPECT(row && col);
 }
 
+// The AVX-512 path (where the CPU has it) and the portable path return the same masks, including the
+// AVX-512 path's fallback when its window misses the cut (made common here by a window 0.2 sigma wide).
+static void test_simd_and_portable_paths_agree() {
+  if (!simd_path_available()) {
+    std::puts("note: no AVX-512 on this CPU; only the portable path was tested");
+    return;
+  }
+  const int64_t grids[][3] = {{1, 14, 14}, {1, 32, 32}, {8, 14, 14}, {1, 7, 13}, {3, 5, 11}, {1, 64, 64},
+                              {1, 9, 70}, {2, 3, 3}};
+  for (double sigmas : {4.5, 0.2}) {
+    set_simd_window_sigmas(sigmas);
+    for (const auto& g : grids)
+      for (uint64_t step = 0; step < 6; ++step)
+        for (int variant = 0; variant < 4; ++variant) {
+          MaskSpec s = spec(g[0], g[1], g[2], step);
+          s.min_keep = 1, s.max_tries = 1000;
+          if (variant == 1) s.allow_overlap = true;
+          if (variant == 2) s.num_contexts = 2, s.context = block_extent(0.5, 0.4, 0.6, 0.8, 1.25, g[0], g[1], g[2]);
+          if (variant == 3) s.num_targets = 12, s.target = block_extent(0.5, 0.02, 0.04, 0.75, 1.5, g[0], g[1], g[2]);
+          set_simd_enabled(true);
+          const Result a = run(s, 2);
+          set_simd_enabled(false);
+          const Result b = run(s, 2);
+          EXPECT(a.keep == b.keep && a.context == b.context && a.targets == b.targets);
+        }
+  }
+  set_simd_window_sigmas(4.5);
+  set_simd_enabled(true);
+}
+
 static void test_failure_is_reported() {
   MaskSpec s = spec(1, 6, 6, 0);
   s.target = Extent{1, 5, 5};
@@ -126,6 +157,7 @@ int main() {
   test_thread_count_independent();
   test_last_row_and_column_reachable();
   test_failure_is_reported();
+  test_simd_and_portable_paths_agree();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return EXIT_FAILURE;
