@@ -80,7 +80,8 @@ class IWMPredictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.predictor_pos_embed = nn.Parameter(sincos_2d(D, self.grid)[None], requires_grad=False)
         if conditioning == "feature":
-            # The action is concatenated to each position-augmented mask token and mixed by a 3-layer MLP.
+            # The action is concatenated to each position-augmented mask token and mixed by a 3-layer MLP, whose
+            # output is added to the token (see _init_conditioning).
             self.action_mlp = nn.Sequential(nn.Linear(D + action_dim, D), nn.GELU(), nn.Linear(D, D), nn.GELU(),
                                             nn.Linear(D, D))
         elif conditioning == "sequence":
@@ -96,6 +97,28 @@ class IWMPredictor(nn.Module):
         for i, block in enumerate(self.predictor_blocks):
             block.attn.proj.weight.data.div_((2.0 * (i + 1)) ** 0.5)
             block.mlp.fc2.weight.data.div_((2.0 * (i + 1)) ** 0.5)
+        self._init_conditioning()
+
+    @torch.no_grad()
+    def _init_conditioning(self):
+        """Conditioning layers get fan-in initialisation instead of the blocks' std 0.02.
+
+        Three std-0.02 layers in a row would shrink the mask tokens about 1000-fold, erasing their positions
+        and starving the action weights of gradient: measured on the CPU demo, a predictor initialised that
+        way had not started to use the action after 250 steps, even against a frozen target encoder. Here the
+        MLP's hidden layers keep their input's scale and its last layer starts at zero, so at initialisation
+        the mask tokens are exactly I-JEPA's (mask_token + pos) and the MLP learns the action's residual.
+        """
+        if self.conditioning == "feature":
+            for layer in list(self.action_mlp)[:-1]:
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+                    nn.init.zeros_(layer.bias)
+            nn.init.zeros_(self.action_mlp[-1].weight)
+            nn.init.zeros_(self.action_mlp[-1].bias)
+        elif self.conditioning == "sequence":
+            nn.init.normal_(self.action_proj.weight, std=self.action_dim ** -0.5)
+            nn.init.zeros_(self.action_proj.bias)
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
@@ -132,7 +155,7 @@ class IWMPredictor(nn.Module):
         T = tokens.shape[1]
         if self.conditioning == "feature":
             a = action.to(tokens.dtype)[:, None, :].expand(-1, T, -1)
-            tokens = self.action_mlp(torch.cat([tokens, a], dim=-1))
+            tokens = tokens + self.action_mlp(torch.cat([tokens, a], dim=-1))
         elif self.conditioning == "sequence":
             a = self.action_proj(action.to(x.dtype)).view(x.shape[0], self.num_action_tokens, D)
             x = torch.cat([x, a], dim=1)
