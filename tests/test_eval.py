@@ -132,6 +132,12 @@ def test_random_like_rebuilds_architecture_with_fresh_seeded_weights():
         assert torch.equal(v, s1[k]), k
     with pytest.raises(TypeError, match="VisionTransformer"):
         random_like(torch.nn.Linear(2, 2))
+    # a non-default patch-embedding init is part of the architecture's initialisation too
+    wide = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, attn_backend="sdpa",
+                             patch_init_std=0.5)
+    twin = random_like(wide, seed=7)
+    assert twin.patch_init_std == 0.5
+    assert abs(twin.patch_embed.proj.weight.std().item() - 0.5) < 0.1
 
 
 def test_probe_encoder_reports_both_accuracies():
@@ -154,6 +160,17 @@ def test_probe_encoder_reports_both_accuracies():
 
 
 # ---------------------------------------------------------------- MRR
+
+def test_mrr_chance_stderr_matches_simulated_blind_rankers():
+    from iwm_fast.eval.mrr import mrr_chance_stderr
+    g = torch.Generator().manual_seed(0)
+    K, Q = 256, 128
+    means = (1.0 / torch.randint(1, K + 1, (4000, Q), generator=g).double()).mean(1)
+    assert mrr_chance_stderr(K, Q) == pytest.approx(means.std().item(), rel=0.05)
+    assert mrr_chance_stderr(K, Q) == pytest.approx(blind_sd(K, Q))
+    with pytest.raises(ValueError, match="positive"):
+        mrr_chance_stderr(256, 0)
+
 
 def test_mrr_chance_value():
     assert mrr_chance(1) == 1.0

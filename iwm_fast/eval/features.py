@@ -77,7 +77,8 @@ def _vit_constructor_args(vit):
                 # +0.5 so that int(dim * ratio) in the constructor gives back exactly `hidden`
                 mlp_ratio=(hidden + 0.5) / vit.embed_dim,
                 qkv_bias=block.attn.qkv.bias is not None if block is not None else True,
-                init_std=vit.init_std, attn_backend=block.attn.backend if block is not None else "auto")
+                init_std=vit.init_std, attn_backend=block.attn.backend if block is not None else "auto",
+                patch_init_std=getattr(vit, "patch_init_std", None))
 
 
 def random_like(encoder, seed=0):

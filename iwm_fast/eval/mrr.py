@@ -41,6 +41,20 @@ def mrr_chance(bank_size: int) -> float:
     return harmonic(bank_size) / bank_size
 
 
+def mrr_chance_stderr(bank_size: int, num_queries: int) -> float:
+    """Standard error of the MRR of an action-blind predictor (rank uniform on 1..K) over ``num_queries``.
+
+    An MRR this many standard errors above ``mrr_chance`` is that unlikely to come from a predictor that
+    ignores the action.
+    """
+    if bank_size <= 0 or num_queries <= 0:
+        raise ValueError(f"bank_size and num_queries must be positive, got {bank_size} and {num_queries}")
+    inv = [1.0 / r for r in range(1, bank_size + 1)]
+    mean = sum(inv) / bank_size
+    var = sum(x * x for x in inv) / bank_size - mean * mean
+    return (var / num_queries) ** 0.5
+
+
 def reciprocal_ranks(sims: torch.Tensor, true_idx: torch.Tensor, tie_tol: float = TIE_TOL) -> torch.Tensor:
     """Expected 1/rank of ``true_idx`` in each row of ``sims`` [Q, K] (higher is better), ties broken at random."""
     if sims.dim() != 2 or true_idx.shape != sims.shape[:1]:
@@ -114,7 +128,8 @@ def world_model_mrr(model=None, images=None, *, bank_size=256, num_queries=None,
 
     Returns ``mrr`` (average-pooled, L2-normalised embeddings compared by cosine similarity), ``mrr_tokens`` (the
     same on token-wise flattened embeddings), ``mrr_identity`` (a baseline predicting the clean image's own
-    target embedding, i.e. "no change"), ``mrr_chance`` = H_K / K, ``mrr_bank_size`` and ``mrr_num_queries``.
+    target embedding, i.e. "no change"), ``mrr_chance`` = H_K / K, ``mrr_chance_stderr`` (the standard error of
+    an action-blind predictor's MRR over these queries), ``mrr_bank_size`` and ``mrr_num_queries``.
     """
     tf = _transforms_module(transforms)
     if images is None:
@@ -181,5 +196,6 @@ def world_model_mrr(model=None, images=None, *, bank_size=256, num_queries=None,
 
     mean_rr = {name: torch.cat(v).mean().item() for name, v in rr.items()}
     return {"mrr": mean_rr["mean"], "mrr_tokens": mean_rr["tokens"], "mrr_identity": mean_rr["identity"],
-            "mrr_chance": mrr_chance(bank_size), "mrr_bank_size": bank_size, "mrr_num_queries": num_queries}
+            "mrr_chance": mrr_chance(bank_size), "mrr_chance_stderr": mrr_chance_stderr(bank_size, num_queries),
+            "mrr_bank_size": bank_size, "mrr_num_queries": num_queries}
 

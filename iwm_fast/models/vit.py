@@ -44,7 +44,7 @@ class VisionTransformer(nn.Module):
     """Pre-norm ViT without class token. ``forward(x, masks)`` keeps only the tokens named by ``masks``."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, qkv_bias=True, init_std=0.02, attn_backend="auto"):
+                 mlp_ratio=4.0, qkv_bias=True, init_std=0.02, attn_backend="auto", patch_init_std=None):
         super().__init__()
         self.img_size = _pair(img_size)
         self.patch_size = int(patch_size)
@@ -64,10 +64,17 @@ class VisionTransformer(nn.Module):
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_backend) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
         self.init_std = init_std
+        self.patch_init_std = patch_init_std
         self.apply(self._init_weights)
         for i, block in enumerate(self.blocks):  # depth-scaled output projections, as in I-JEPA
             block.attn.proj.weight.data.div_((2.0 * (i + 1)) ** 0.5)
             block.mlp.fc2.weight.data.div_((2.0 * (i + 1)) ** 0.5)
+        if patch_init_std is not None:
+            # I-JEPA's std 0.02 scales patch tokens with sqrt(3 p^2): small patches start with tokens mostly
+            # position and little content. A larger std restores the content share of a patch-16 model.
+            if patch_init_std <= 0:
+                raise ValueError(f"patch_init_std must be positive, got {patch_init_std}")
+            nn.init.trunc_normal_(self.patch_embed.proj.weight, std=patch_init_std)
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Conv2d)):

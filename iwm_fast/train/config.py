@@ -17,6 +17,7 @@ class ModelConfig:
     patch_size: int = 16
     depth: int = 0                # 0: the size's own depth; a smaller value makes a shallower encoder
     attn_backend: str = "auto"    # auto, triton, sdpa, flash_attn, xformers
+    patch_init_std: float = 0.0   # 0: I-JEPA's 0.02 for the patch embedding too; else its own init std
 
 
 @dataclass

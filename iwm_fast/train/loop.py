@@ -52,6 +52,8 @@ def build_model(cfg):
     torch.manual_seed(cfg.train.seed)
     size = cfg.data.image_size
     extra = {"depth": cfg.model.depth} if cfg.model.depth else {}
+    if cfg.model.patch_init_std:
+        extra["patch_init_std"] = cfg.model.patch_init_std
     encoder = build_vit(cfg.model.size, img_size=size, patch_size=cfg.model.patch_size,
                         attn_backend=cfg.model.attn_backend, **extra)
     p = cfg.predictor
