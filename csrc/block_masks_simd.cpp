@@ -110,29 +110,20 @@ void truncation_keys_avx512(uint64_t seed, uint64_t step, uint32_t sample, uint3
       const __m512i nz = _mm512_xor_si512(_mm512_xor_si512(hi0, w), _mm512_set1_epi32(static_cast<int32_t>(k1)));
       x = nx, y = lo1, z = nz, w = lo0;
     }
-    // Interleave to out[4 q + k] = word k of quad q: 4x4 transposes within each 128-bit lane.
+    // Interleave to out[4 q + k] = word k of quad q: 4x4 transposes within each 128-bit lane, after which
+    // q_j holds quads j, 4 + j, 8 + j, 12 + j; then 128-bit lane shuffles put quads 4 i .. 4 i + 3 in vector i.
     const __m512i xy_lo = _mm512_unpacklo_epi32(x, y), xy_hi = _mm512_unpackhi_epi32(x, y);
     const __m512i zw_lo = _mm512_unpacklo_epi32(z, w), zw_hi = _mm512_unpackhi_epi32(z, w);
-    const __m512i q[4] = {_mm512_unpacklo_epi64(xy_lo, zw_lo), _mm512_unpackhi_epi64(xy_lo, zw_lo),
-                          _mm512_unpacklo_epi64(xy_hi, zw_hi), _mm512_unpackhi_epi64(xy_hi, zw_hi)};
+    const __m512i q0 = _mm512_unpacklo_epi64(xy_lo, zw_lo), q1 = _mm512_unpackhi_epi64(xy_lo, zw_lo);
+    const __m512i q2 = _mm512_unpacklo_epi64(xy_hi, zw_hi), q3 = _mm512_unpackhi_epi64(xy_hi, zw_hi);
+    const __m512i a01 = _mm512_shuffle_i32x4(q0, q1, 0x44), a23 = _mm512_shuffle_i32x4(q2, q3, 0x44);  // lanes 0, 1
+    const __m512i b01 = _mm512_shuffle_i32x4(q0, q1, 0xEE), b23 = _mm512_shuffle_i32x4(q2, q3, 0xEE);  // lanes 2, 3
     alignas(64) uint32_t buf[64];
     uint32_t* dst = n - i >= 16 ? out + 4 * i : buf;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 0), _mm512_castsi512_si128(q[0]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 4), _mm512_castsi512_si128(q[1]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8), _mm512_castsi512_si128(q[2]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 12), _mm512_castsi512_si128(q[3]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_extracti32x4_epi32(q[0], 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 20), _mm512_extracti32x4_epi32(q[1], 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 24), _mm512_extracti32x4_epi32(q[2], 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 28), _mm512_extracti32x4_epi32(q[3], 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm512_extracti32x4_epi32(q[0], 2));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 36), _mm512_extracti32x4_epi32(q[1], 2));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 40), _mm512_extracti32x4_epi32(q[2], 2));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 44), _mm512_extracti32x4_epi32(q[3], 2));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 48), _mm512_extracti32x4_epi32(q[0], 3));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 52), _mm512_extracti32x4_epi32(q[1], 3));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 56), _mm512_extracti32x4_epi32(q[2], 3));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 60), _mm512_extracti32x4_epi32(q[3], 3));
+    _mm512_storeu_si512(dst, _mm512_shuffle_i32x4(a01, a23, 0x88));
+    _mm512_storeu_si512(dst + 16, _mm512_shuffle_i32x4(a01, a23, 0xDD));
+    _mm512_storeu_si512(dst + 32, _mm512_shuffle_i32x4(b01, b23, 0x88));
+    _mm512_storeu_si512(dst + 48, _mm512_shuffle_i32x4(b01, b23, 0xDD));
     if (dst == buf)
       for (int64_t j = 0; j < 4 * (n - i); ++j) out[4 * i + j] = buf[j];
   }
