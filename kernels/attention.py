@@ -158,6 +158,16 @@ def _head(ptr, b64, h64, stride_b, stride_h, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _tile_of_head(n_rows, BLOCK: tl.constexpr, H):
+    """(row tile, batch*head, batch, head) of this program. The tiles of one (batch, head) are adjacent in
+    launch order so they share the other operand in L2; a flat grid avoids the 65535 limit on grid axis 1."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_rows, BLOCK)
+    bh = pid // n_tiles
+    return pid % n_tiles, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
 def _key_length(KL, b, N_K, HAS_KL: tl.constexpr):
     if HAS_KL:
         kv_len = tl.minimum(tl.maximum(tl.load(KL + b).to(tl.int32), 0), N_K)
@@ -202,21 +212,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
                      H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
                      PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Query blocks of one (batch, head) are adjacent in launch order so they share K/V in L2; a flat grid
-    # avoids the 65535 limit on grid axis 1 for large B*H.
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(N_Q, BLOCK_M)
-    pid_m = pid % n_m
-    bh = pid // n_m
-    b = bh // H
-    h = bh % H
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_m, bh, b64, h64 = _tile_of_head(N_Q, BLOCK_M, H)
     q_base = _head(Q, b64, h64, stride_qb, stride_qh, ALIGN)
     k_base = _head(K, b64, h64, stride_kb, stride_kh, ALIGN)
     v_base = _head(V, b64, h64, stride_vb, stride_vh, ALIGN)
     o_base = _head(O, b64, h64, stride_ob, stride_oh, ALIGN)
-    kv_len = _key_length(KL, b, N_K, HAS_KL)
+    kv_len = _key_length(KL, b64, N_K, HAS_KL)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -290,15 +291,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
                           H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
                           PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid = tl.program_id(0)
-    n_n = tl.cdiv(N_K, BLOCK_N)
-    pid_n = pid % n_n
-    bh = pid // n_n
-    b = bh // H
-    h = bh % H
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    kv_len = _key_length(KL, b, N_K, HAS_KL)
+    pid_n, bh, b64, h64 = _tile_of_head(N_K, BLOCK_N, H)
+    kv_len = _key_length(KL, b64, N_K, HAS_KL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -364,15 +358,8 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
                         H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
                         PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(N_Q, BLOCK_M)
-    pid_m = pid % n_m
-    bh = pid // n_m
-    b = bh // H
-    h = bh % H
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    kv_len = _key_length(KL, b, N_K, HAS_KL)
+    pid_m, bh, b64, h64 = _tile_of_head(N_Q, BLOCK_M, H)
+    kv_len = _key_length(KL, b64, N_K, HAS_KL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
