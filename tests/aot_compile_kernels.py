@@ -1,56 +1,64 @@
-"""Compile the Triton attention kernels ahead of time for a CUDA target, without a GPU (run as a script).
+"""Compile every Triton kernel ahead of time for a CUDA target, without a GPU (run as a script).
 
-Usage: python tests/aot_compile_kernels.py ARCH DTYPE HEAD_DIM   (e.g. 90 bf16 80); prints one line per kernel.
+Usage: python tests/aot_compile_kernels.py ARCH   (80 or 90); prints one line per compiled kernel variant.
 Must run with TRITON_INTERPRET unset or 0: under the interpreter the kernels are not JIT functions.
 """
 import inspect
 import sys
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import iwm_fast  # noqa: F401  (maps kernels/ to iwm_fast.kernels)
 from iwm_fast.kernels import attention as A
-
-POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-KERNELS = {
-    "fwd": (A._attn_fwd_kernel, dict(BLOCK_M=64, BLOCK_N=64)),
-    "bwd_dkdv": (A._attn_bwd_dkdv_kernel, dict(BLOCK_N=64, BLOCK_M=32)),
-    "bwd_dq": (A._attn_bwd_dq_kernel, dict(BLOCK_M=64, BLOCK_N=32)),
-}
+from iwm_fast.kernels import ema as E
+from iwm_fast.kernels import gather as G
 
 
-def signature(jit_fn, constexprs, dtype):
-    kinds = {}
-    for name in inspect.signature(jit_fn.fn).parameters:
-        if name in constexprs:
-            kinds[name] = "constexpr"
-        elif name in POINTERS:
-            kinds[name] = f"*{dtype}"
-        elif name in ("LSE", "DELTA"):
-            kinds[name] = "*fp32"
-        elif name == "KL":
-            kinds[name] = "*i32"
-        elif name == "sm_scale":
-            kinds[name] = "fp32"
-        else:
-            kinds[name] = "i32"
-    return kinds
+def attention_variants():
+    blocks = {A._attn_fwd_kernel: dict(BLOCK_M=64, BLOCK_N=64), A._attn_bwd_dkdv_kernel: dict(BLOCK_N=64, BLOCK_M=32),
+              A._attn_bwd_dq_kernel: dict(BLOCK_M=64, BLOCK_N=32)}
+    for dtype, head_dim in (("bf16", 80), ("fp16", 24)):
+        for kernel, blk in blocks.items():
+            consts = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_KL=True,
+                          PRECISION="ieee", ALIGN=8, **blk)
+            kinds = {n: f"*{dtype}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+            kinds.update(LSE="*fp32", DELTA="*fp32", KL="*i32", sm_scale="fp32")
+            yield f"{kernel.fn.__name__} {dtype} D={head_dim}", kernel.fn, kinds, consts, 4
 
 
-def main(arch, dtype, head_dim):
-    for name, (autotuned, blocks) in KERNELS.items():
-        consts = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_KL=True,
-                      PRECISION="ieee", ALIGN=8, **blocks)
-        src = ASTSource(fn=autotuned.fn, signature=signature(autotuned.fn, consts, dtype), constexprs=consts)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2})
+def other_variants():
+    yield ("_gather_fwd_kernel bf16 +pos", G._gather_fwd_kernel,
+           dict(x_ptr="*bf16", idx_ptr="*i64", pos_ptr="*bf16", out_ptr="*bf16"),
+           dict(HAS_POS=True, CHECK=False, BLOCK_K=16, BLOCK_D=64), 4)
+    yield ("_scatter_add_rows_kernel bf16->fp32", G._scatter_add_rows_kernel,
+           dict(src_ptr="*bf16", perm_ptr="*i64", offsets_ptr="*i64", dst_ptr="*fp32"),
+           dict(ACC=tl.float32, BLOCK_R=16, BLOCK_D=64), 4)
+    for t_dtype, o_dtype in ((tl.float32, tl.float32), (tl.float32, tl.bfloat16), (tl.bfloat16, tl.bfloat16)):
+        yield (f"_ema_kernel {t_dtype}<-{o_dtype}", E._ema_kernel,
+               dict(t_addr_ptr="*i64", o_addr_ptr="*i64", numel_ptr="*i64", tid_ptr="*i64", cidx_ptr="*i64",
+                    mom_ptr="*fp32", mom="fp32", one_minus_mom="fp32"),
+               dict(T_DTYPE=t_dtype, O_DTYPE=o_dtype, MOM_FROM_PTR=True, ALIGNED=True, CHUNK=E.CHUNK, BLOCK=E.BLOCK), 8)
+
+
+def signature(jit_fn, kinds, constexprs):
+    """Every parameter's type: the given kinds, constexpr for constexprs, i32 for the remaining sizes/strides."""
+    return {name: "constexpr" if name in constexprs else kinds.get(name, "i32")
+            for name in inspect.signature(jit_fn.fn).parameters}
+
+
+def main(arch):
+    for label, jit_fn, kinds, consts, warps in (*attention_variants(), *other_variants()):
+        src = ASTSource(fn=jit_fn, signature=signature(jit_fn, kinds, consts), constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": warps, "num_stages": 2})
         cubin = compiled.asm.get("cubin") or b""
-        print(f"{name} sm_{arch} {dtype} D={head_dim}: cubin {len(cubin)} bytes, "
-              f"{compiled.metadata.shared} bytes of shared memory")
         if not cubin:
-            raise SystemExit(f"{name}: no cubin produced")
+            raise SystemExit(f"{label}: no cubin produced")
+        print(f"{label} sm_{arch}: cubin {len(cubin)} bytes, {compiled.metadata.shared} bytes of shared memory")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    main(int(sys.argv[1]))
