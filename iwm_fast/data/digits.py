@@ -86,9 +86,7 @@ class BundledDigits(Dataset):
         return len(self.labels)
 
     def __getitem__(self, key):
-        epoch, index = split_key(key)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        epoch, index = split_key(key, len(self))
         img = self.images[index]
         if self.crop:
             img = random_resized_crop_flip(img, self.image_size, scale=self.crop_scale,

@@ -72,9 +72,7 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
-        epoch, index = split_key(key)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        epoch, index = split_key(key, len(self))
         path, label = self.samples[index]
         img = decode_image(path)
         if img is None:

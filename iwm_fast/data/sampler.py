@@ -7,16 +7,23 @@ from torch.utils.data import Sampler
 from ..transforms.seeding import generator
 
 
-def split_key(key):
-    """A sample key is an index, or ``(epoch, index)`` as yielded by ``ResumableSampler(with_epoch=True)``."""
+def split_key(key, length=None):
+    """A sample key is an index, or ``(epoch, index)`` as yielded by ``ResumableSampler(with_epoch=True)``.
+
+    With ``length``, an index outside ``[0, length)`` is an ``IndexError``.
+    """
     if isinstance(key, (tuple, list)) and len(key) == 2:
-        return int(key[0]), int(key[1])
-    if isinstance(key, bool) or not isinstance(key, int):
+        epoch, index = int(key[0]), int(key[1])
+    elif isinstance(key, bool) or not isinstance(key, int):
         try:
-            return 0, int(key)  # numpy and 0-d tensor indices
+            epoch, index = 0, int(key)  # numpy and 0-d tensor indices
         except (TypeError, ValueError):
             raise TypeError(f"sample key must be an int or (epoch, index), got {key!r}") from None
-    return 0, key
+    else:
+        epoch, index = 0, key
+    if length is not None and not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for {length} samples")
+    return epoch, index
 
 
 def _check_int(name, v, lo):
