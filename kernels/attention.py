@@ -6,9 +6,15 @@ query block (dQ; it also computes delta = rowsum(dO * O), the preprocess of Flas
 walks query blocks for each key block (dK, dV), so nothing needs atomics. Exponentials use exp2 with
 the scale folded into log2(e).
 
-Shapes handled without caller padding: any Nq and Nk (tails masked), head dims up to 256 (padded inside the
-kernel to the next power of two, at least 16, with masked loads), optional per-sample key lengths (keys at index
->= key_lengths[b] are ignored; a row with no keys gives zeros and zero gradients).
+Shapes handled without caller padding: any Nq and Nk (tails masked), head dims up to 256, optional per-sample
+key lengths (keys at index >= key_lengths[b] are ignored; a row with no keys gives zeros and zero gradients).
+
+Head dims: Triton tiles are powers of two, so a head dim D is covered either by one tile padded to the next
+power of two, or split in two tiles (the largest power of two <= D, plus the remainder rounded up to a power of
+two of at least 16) whose dots are summed. The split does the same arithmetic on fewer padded columns: D = 80
+(ViT-H/14) is 64 + 16 instead of 128, i.e. 37.5% fewer MMA FLOPs and accumulator registers; 40 and 48 are
+32 + 16 instead of 64, 96 is 64 + 32 instead of 128. head_dim_tiles() picks the split wherever it is narrower
+(24 -> 16 + 16 is not: 32 either way); IWM_FAST_ATTN_SPLIT_HEAD_DIM=0 forces the padded tile.
 
 Autotuning: small tiles (32/64 rows) are in the config space because at N <= 256 a 128-row tile leaves
 most of its rows masked (196 tokens = 1.53 tiles of 128), and head dims 24..80 make each tile's dots cheap,
@@ -65,7 +71,7 @@ def _cfg(block_a, block_b, warps, stages, names):
     return triton.Config({names[0]: block_a, names[1]: block_b}, num_warps=warps, num_stages=stages)
 
 
-# Config spaces by padded head dim (BLOCK_D <= 64, == 128, == 256), as (rows of the program's own tile, rows
+# Config spaces by the head-dim tiles' total width (<= 64, <= 128, <= 256), as (rows of the program's own tile, rows
 # of the tile it streams over, num_warps, num_stages). Chosen from ptxas register/spill reports for sm_90:
 # at BLOCK_D = 128 and 256 the 2/4-warp tiles spill, so those spaces use more warps per tile or smaller tiles.
 _FWD_SPACES = {
@@ -104,7 +110,8 @@ def _prune(spaces, own_rows_key, streamed_rows_key, own_name, streamed_name):
             return configs
         n_own = named_args[own_rows_key]
         n_streamed = named_args[streamed_rows_key]
-        allowed = set(_space_for(spaces, kwargs["BLOCK_D"]))
+        width = kwargs["BLOCK_D"] + (kwargs["BLOCK_D2"] if kwargs["SPLIT"] else 0)
+        allowed = set(_space_for(spaces, width))
         kept = [c for c in configs
                 if (c.kwargs[own_name], c.kwargs[streamed_name], c.num_warps, c.num_stages) in allowed]
         small = [c for c in kept
@@ -114,6 +121,8 @@ def _prune(spaces, own_rows_key, streamed_rows_key, own_name, streamed_name):
     return prune
 
 
+# BLOCK_D tells the padded and split tilings of one head dim apart, so each gets its own tuned tiles.
+_TUNE_KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "BLOCK_D"]
 _PRUNE_FWD = _prune(_FWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")
 _PRUNE_DKDV = _prune(_BWD_SPACES, "N_K_KEY", "N_Q_KEY", "BLOCK_N", "BLOCK_M")
 _PRUNE_DQ = _prune(_BWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")
@@ -124,16 +133,17 @@ _PRUNE_DQ = _prune(_BWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr, ALIGN: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile; padded head-dim columns and (if MASK_ROWS) rows >= n_rows read 0."""
+               HEAD_DIM: tl.constexpr, COL_END: tl.constexpr, MASK_ROWS: tl.constexpr, ALIGN: tl.constexpr):
+    """Load the columns offs_d (ending at COL_END) of rows offs_r; columns >= HEAD_DIM and (if MASK_ROWS) rows
+    >= n_rows read 0."""
     ptrs = base + tl.multiple_of(offs_r * stride_r, ALIGN)[:, None] + offs_d[None, :] * stride_d
     if MASK_ROWS:
-        if HEAD_DIM == BLOCK_D:
+        if COL_END <= HEAD_DIM:
             tile = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
         else:
             tile = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     else:
-        if HEAD_DIM == BLOCK_D:
+        if COL_END <= HEAD_DIM:
             tile = tl.load(ptrs)
         else:
             tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
@@ -141,13 +151,60 @@ def _load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows,
 
 
 @triton.jit
+def _load_tile(base, offs_r, stride_r, stride_d, n_rows, ROWS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
+               MASK_ROWS: tl.constexpr, ALIGN: tl.constexpr):
+    """Rows offs_r as two column tiles: [ROWS, BLOCK_D] and, if SPLIT, the next [ROWS, BLOCK_D2]. Without a
+    split the second is a zero placeholder that no dot reads (the compiler drops it)."""
+    a = _load_rows(base, offs_r, tl.arange(0, BLOCK_D), stride_r, stride_d, n_rows, HEAD_DIM, BLOCK_D, MASK_ROWS,
+                   ALIGN)
+    if SPLIT:
+        b = _load_rows(base, offs_r, BLOCK_D + tl.arange(0, BLOCK_D2), stride_r, stride_d, n_rows, HEAD_DIM,
+                       BLOCK_D + BLOCK_D2, MASK_ROWS, ALIGN)
+    else:
+        b = tl.zeros([ROWS, BLOCK_D2], dtype=base.dtype.element_ty)
+    return a, b
+
+
+@triton.jit
 def _store_rows(base, tile, offs_r, offs_d, stride_r, stride_d, n_rows,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
+                HEAD_DIM: tl.constexpr, COL_END: tl.constexpr, ALIGN: tl.constexpr):
     ptrs = base + tl.multiple_of(offs_r * stride_r, ALIGN)[:, None] + offs_d[None, :] * stride_d
-    if HEAD_DIM == BLOCK_D:
+    if COL_END <= HEAD_DIM:
         tl.store(ptrs, tile, mask=offs_r[:, None] < n_rows)
     else:
         tl.store(ptrs, tile, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _store_tile(base, a, b, offs_r, stride_r, stride_d, n_rows,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
+                ALIGN: tl.constexpr):
+    dtype = base.dtype.element_ty
+    _store_rows(base, a.to(dtype), offs_r, tl.arange(0, BLOCK_D), stride_r, stride_d, n_rows, HEAD_DIM, BLOCK_D,
+                ALIGN)
+    if SPLIT:
+        _store_rows(base, b.to(dtype), offs_r, BLOCK_D + tl.arange(0, BLOCK_D2), stride_r, stride_d, n_rows,
+                    HEAD_DIM, BLOCK_D + BLOCK_D2, ALIGN)
+
+
+@triton.jit
+def _dot_nt(x_a, x_b, y_a, y_b, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """x @ y^T over the head dim, summed over both column tiles: [rows of x, rows of y] in fp32."""
+    acc = tl.dot(x_a, tl.trans(y_a), input_precision=PRECISION)
+    if SPLIT:
+        acc = tl.dot(x_b, tl.trans(y_b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _dot_acc(p, y_a, y_b, acc_a, acc_b, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """(acc_a, acc_b) += p @ (y_a, y_b), with p cast to y's dtype as FlashAttention-2 does."""
+    p = p.to(y_a.dtype)
+    acc_a = tl.dot(p, y_a, acc_a, input_precision=PRECISION)
+    if SPLIT:
+        acc_b = tl.dot(p, y_b, acc_b, input_precision=PRECISION)
+    return acc_a, acc_b
 
 
 @triton.jit
@@ -180,14 +237,16 @@ def _key_length(KL, b, N_K, HAS_KL: tl.constexpr):
 # Forward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n, kv_len, qk_scale,
-               m_i, l_i, acc, offs_n, offs_d,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
-               ALIGN: tl.constexpr):
+def _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n, kv_len, qk_scale,
+               m_i, l_i, acc_a, acc_b, offs_n,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     cols = start_n + offs_n
-    k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, kv_len, HEAD_DIM, BLOCK_D, MASK_N, ALIGN)
-    v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, kv_len, HEAD_DIM, BLOCK_D, MASK_N, ALIGN)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    k_a, k_b = _load_tile(k_base, cols, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
+                          MASK_N, ALIGN)
+    v_a, v_b = _load_tile(v_base, cols, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
+                          MASK_N, ALIGN)
+    s = _dot_nt(q_a, q_b, k_a, k_b, SPLIT, PRECISION) * qk_scale
     if MASK_N:
         s = tl.where(cols[None, :] < kv_len, s, float("-inf"))
     # Every processed block holds at least one valid key, so m_new is finite and alpha never NaN.
@@ -195,13 +254,14 @@ def _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, st
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-    return m_new, l_i, acc
+    acc_a = acc_a * alpha[:, None]
+    if SPLIT:
+        acc_b = acc_b * alpha[:, None]
+    acc_a, acc_b = _dot_acc(p, v_a, v_b, acc_a, acc_b, SPLIT, PRECISION)
+    return m_new, l_i, acc_a, acc_b
 
 
-@triton.autotune(configs=_configs(_FWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
-                 cache_results=True,
+@triton.autotune(configs=_configs(_FWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=_TUNE_KEY, cache_results=True,
                  prune_configs_by={"early_config_prune": _PRUNE_FWD})
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
@@ -210,8 +270,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_ob, stride_oh, stride_on, stride_od,
                      H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
-                     PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
+                     HAS_KL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh, b64, h64 = _tile_of_head(N_Q, BLOCK_M, H)
     q_base = _head(Q, b64, h64, stride_qb, stride_qh, ALIGN)
     k_base = _head(K, b64, h64, stride_kb, stride_kh, ALIGN)
@@ -221,29 +282,30 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_base, offs_m, offs_d, stride_qn, stride_qd, N_Q, HEAD_DIM, BLOCK_D, True, ALIGN)
+    q_a, q_b = _load_tile(q_base, offs_m, stride_qn, stride_qd, N_Q, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
+                          True, ALIGN)
     qk_scale = sm_scale * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     n_full = (kv_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        m_i, l_i, acc = _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n,
-                                   kv_len, qk_scale, m_i, l_i, acc, offs_n, offs_d,
-                                   HEAD_DIM, BLOCK_D, False, PRECISION, ALIGN)
+        m_i, l_i, acc_a, acc_b = _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                            start_n, kv_len, qk_scale, m_i, l_i, acc_a, acc_b, offs_n,
+                                            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, False, PRECISION, ALIGN)
     for start_n in range(n_full, kv_len, BLOCK_N):  # at most one masked tail block
-        m_i, l_i, acc = _fwd_block(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n,
-                                   kv_len, qk_scale, m_i, l_i, acc, offs_n, offs_d,
-                                   HEAD_DIM, BLOCK_D, True, PRECISION, ALIGN)
+        m_i, l_i, acc_a, acc_b = _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                            start_n, kv_len, qk_scale, m_i, l_i, acc_a, acc_b, offs_n,
+                                            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, True, PRECISION, ALIGN)
 
     # A row with no keys (kv_len == 0) has l_i == 0: output zeros and LSE = +inf, which makes the
     # backward's probabilities exp(s - inf) = 0, hence zero gradients instead of NaN.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    _store_rows(o_base, out.to(O.dtype.element_ty), offs_m, offs_d, stride_on, stride_od, N_Q, HEAD_DIM, BLOCK_D, ALIGN)
+    _store_tile(o_base, acc_a / l_safe[:, None], acc_b / l_safe[:, None], offs_m, stride_on, stride_od, N_Q,
+                HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN)
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
@@ -252,14 +314,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
 # Backward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base,
-                stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid,
-                offs_m, offs_d,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr,
-                ALIGN: tl.constexpr):
+def _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_base, delta_base,
+                stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid, offs_m,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     rows = start_m + offs_m
-    q = _load_rows(q_base, rows, offs_d, stride_qn, stride_qd, N_Q, HEAD_DIM, BLOCK_D, MASK_M, ALIGN)
-    do = _load_rows(do_base, rows, offs_d, stride_don, stride_dod, N_Q, HEAD_DIM, BLOCK_D, MASK_M, ALIGN)
+    q_a, q_b = _load_tile(q_base, rows, stride_qn, stride_qd, N_Q, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
+                          MASK_M, ALIGN)
+    do_a, do_b = _load_tile(do_base, rows, stride_don, stride_dod, N_Q, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
+                            MASK_M, ALIGN)
     if MASK_M:
         # Padded query rows get LSE = +inf, so their probabilities (and contributions) are exactly 0.
         lse = tl.load(lse_base + rows, mask=rows < N_Q, other=float("inf"))
@@ -267,18 +330,17 @@ def _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base,
     else:
         lse = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    s_t = _dot_nt(k_a, k_b, q_a, q_b, SPLIT, PRECISION)
     p_t = tl.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
     p_t = tl.where(key_valid[:, None], p_t, 0.0)
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dv_a, dv_b = _dot_acc(p_t, do_a, do_b, dv_a, dv_b, SPLIT, PRECISION)
+    dp_t = _dot_nt(v_a, v_b, do_a, do_b, SPLIT, PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-    return dk, dv
+    dk_a, dk_b = _dot_acc(ds_t, q_a, q_b, dk_a, dk_b, SPLIT, PRECISION)
+    return dk_a, dk_b, dv_a, dv_b
 
 
-@triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_N", "BLOCK_M")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
-                 cache_results=True,
+@triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_N", "BLOCK_M")), key=_TUNE_KEY, cache_results=True,
                  prune_configs_by={"early_config_prune": _PRUNE_DKDV})
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
@@ -289,17 +351,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
                           stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                           stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                           H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
-                          PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+                          SPLIT: tl.constexpr, HAS_KL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_n, bh, b64, h64 = _tile_of_head(N_K, BLOCK_N, H)
     kv_len = _key_length(KL, b64, N_K, HAS_KL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(_head(K, b64, h64, stride_kb, stride_kh, ALIGN), offs_n, offs_d, stride_kn, stride_kd, N_K,
-                   HEAD_DIM, BLOCK_D, True, ALIGN)
-    v = _load_rows(_head(V, b64, h64, stride_vb, stride_vh, ALIGN), offs_n, offs_d, stride_vn, stride_vd, N_K,
-                   HEAD_DIM, BLOCK_D, True, ALIGN)
+    k_a, k_b = _load_tile(_head(K, b64, h64, stride_kb, stride_kh, ALIGN), offs_n, stride_kn, stride_kd, N_K,
+                          BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, True, ALIGN)
+    v_a, v_b = _load_tile(_head(V, b64, h64, stride_vb, stride_vh, ALIGN), offs_n, stride_vn, stride_vd, N_K,
+                          BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, True, ALIGN)
     key_valid = offs_n < kv_len
     q_base = _head(Q, b64, h64, stride_qb, stride_qh, ALIGN)
     do_base = _head(DO, b64, h64, stride_dob, stride_doh, ALIGN)
@@ -307,45 +369,48 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
     delta_base = DELTA + bh.to(tl.int64) * N_Q
     qk_scale = sm_scale * 1.4426950408889634
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk_a = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk_b = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    dv_a = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv_b = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
     # A key block lying wholly in the padding gets no queries: its dK and dV stay zero.
     q_stop = tl.where(pid_n * BLOCK_N < kv_len, N_Q, 0)
     m_full = (q_stop // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
-                             stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid, offs_m, offs_d,
-                             HEAD_DIM, BLOCK_D, False, PRECISION, ALIGN)
+        dk_a, dk_b, dv_a, dv_b = _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_base,
+                                             delta_base, stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q,
+                                             qk_scale, key_valid, offs_m, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
+                                             BLOCK_M, False, PRECISION, ALIGN)
     for start_m in range(m_full, q_stop, BLOCK_M):
-        dk, dv = _dkdv_block(k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
-                             stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid, offs_m, offs_d,
-                             HEAD_DIM, BLOCK_D, True, PRECISION, ALIGN)
-    dk = dk * sm_scale
-    _store_rows(_head(DK, b64, h64, stride_dkb, stride_dkh, ALIGN), dk.to(DK.dtype.element_ty), offs_n, offs_d,
-                stride_dkn, stride_dkd, N_K, HEAD_DIM, BLOCK_D, ALIGN)
-    _store_rows(_head(DV, b64, h64, stride_dvb, stride_dvh, ALIGN), dv.to(DV.dtype.element_ty), offs_n, offs_d,
-                stride_dvn, stride_dvd, N_K, HEAD_DIM, BLOCK_D, ALIGN)
+        dk_a, dk_b, dv_a, dv_b = _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_base,
+                                             delta_base, stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q,
+                                             qk_scale, key_valid, offs_m, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
+                                             BLOCK_M, True, PRECISION, ALIGN)
+    _store_tile(_head(DK, b64, h64, stride_dkb, stride_dkh, ALIGN), dk_a * sm_scale, dk_b * sm_scale, offs_n,
+                stride_dkn, stride_dkd, N_K, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN)
+    _store_tile(_head(DV, b64, h64, stride_dvb, stride_dvh, ALIGN), dv_a, dv_b, offs_n,
+                stride_dvn, stride_dvd, N_K, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN)
 
 
 @triton.jit
-def _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-              start_n, kv_len, qk_scale, offs_n, offs_d,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr,
-              ALIGN: tl.constexpr):
+def _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, stride_kn, stride_kd, stride_vn,
+              stride_vd, start_n, kv_len, qk_scale, offs_n,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr):
     cols = start_n + offs_n
-    k = _load_rows(k_base, cols, offs_d, stride_kn, stride_kd, kv_len, HEAD_DIM, BLOCK_D, MASK_N, ALIGN)
-    v = _load_rows(v_base, cols, offs_d, stride_vn, stride_vd, kv_len, HEAD_DIM, BLOCK_D, MASK_N, ALIGN)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    k_a, k_b = _load_tile(k_base, cols, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
+                          MASK_N, ALIGN)
+    v_a, v_b = _load_tile(v_base, cols, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
+                          MASK_N, ALIGN)
+    s = _dot_nt(q_a, q_b, k_a, k_b, SPLIT, PRECISION)
     # Keys past kv_len were loaded as zero rows, so their (nonzero) p contributes ds * 0 to dq: no mask needed.
     p = tl.exp2(s * qk_scale - lse2[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dp = _dot_nt(do_a, do_b, v_a, v_b, SPLIT, PRECISION)
     ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    return dq
+    return _dot_acc(ds, k_a, k_b, dq_a, dq_b, SPLIT, PRECISION)
 
 
-@triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=["N_Q_KEY", "N_K_KEY", "HEAD_DIM"],
-                 cache_results=True,
+@triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=_TUNE_KEY, cache_results=True,
                  prune_configs_by={"early_config_prune": _PRUNE_DQ})
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
@@ -356,40 +421,44 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
                         stride_dob, stride_doh, stride_don, stride_dod,
                         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
                         H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KL: tl.constexpr,
-                        PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
+                        HAS_KL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh, b64, h64 = _tile_of_head(N_Q, BLOCK_M, H)
     kv_len = _key_length(KL, b64, N_K, HAS_KL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(_head(Q, b64, h64, stride_qb, stride_qh, ALIGN), offs_m, offs_d, stride_qn, stride_qd, N_Q,
-                   HEAD_DIM, BLOCK_D, True, ALIGN)
-    do = _load_rows(_head(DO, b64, h64, stride_dob, stride_doh, ALIGN), offs_m, offs_d, stride_don, stride_dod, N_Q,
-                    HEAD_DIM, BLOCK_D, True, ALIGN)
+    q_a, q_b = _load_tile(_head(Q, b64, h64, stride_qb, stride_qh, ALIGN), offs_m, stride_qn, stride_qd, N_Q,
+                          BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, True, ALIGN)
+    do_a, do_b = _load_tile(_head(DO, b64, h64, stride_dob, stride_doh, ALIGN), offs_m, stride_don, stride_dod, N_Q,
+                            BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, True, ALIGN)
     row_ok = offs_m < N_Q
     lse2 = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     # delta = rowsum(dO * O), the softmax-backward correction. This kernel runs first and already holds dO,
     # so it computes delta here (saving a launch and a pass over dO) and stores it for the dK/dV kernel.
-    o = _load_rows(_head(O, b64, h64, stride_ob, stride_oh, ALIGN), offs_m, offs_d, stride_on, stride_od, N_Q,
-                   HEAD_DIM, BLOCK_D, True, ALIGN)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o_a, o_b = _load_tile(_head(O, b64, h64, stride_ob, stride_oh, ALIGN), offs_m, stride_on, stride_od, N_Q,
+                          BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, True, ALIGN)
+    delta = tl.sum(o_a.to(tl.float32) * do_a.to(tl.float32), 1)
+    if SPLIT:
+        delta += tl.sum(o_b.to(tl.float32) * do_b.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=row_ok)
     k_base = _head(K, b64, h64, stride_kb, stride_kh, ALIGN)
     v_base = _head(V, b64, h64, stride_vb, stride_vh, ALIGN)
     qk_scale = sm_scale * 1.4426950408889634
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq_a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq_b = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     n_full = (kv_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       start_n, kv_len, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, False, PRECISION, ALIGN)
+        dq_a, dq_b = _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, stride_kn, stride_kd,
+                               stride_vn, stride_vd, start_n, kv_len, qk_scale, offs_n,
+                               HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, False, PRECISION, ALIGN)
     for start_n in range(n_full, kv_len, BLOCK_N):
-        dq = _dq_block(q, do, lse2, delta, dq, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       start_n, kv_len, qk_scale, offs_n, offs_d, HEAD_DIM, BLOCK_D, True, PRECISION, ALIGN)
-    dq = dq * sm_scale
-    _store_rows(_head(DQ, b64, h64, stride_dqb, stride_dqh, ALIGN), dq.to(DQ.dtype.element_ty), offs_m, offs_d,
-                stride_dqn, stride_dqd, N_Q, HEAD_DIM, BLOCK_D, ALIGN)
+        dq_a, dq_b = _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, stride_kn, stride_kd,
+                               stride_vn, stride_vd, start_n, kv_len, qk_scale, offs_n,
+                               HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, True, PRECISION, ALIGN)
+    _store_tile(_head(DQ, b64, h64, stride_dqb, stride_dqh, ALIGN), dq_a * sm_scale, dq_b * sm_scale, offs_m,
+                stride_dqn, stride_dqd, N_Q, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -442,11 +511,29 @@ def check_inputs(q, k, v, key_lengths=None):
                          "before importing triton to run it on the CPU, or use backend='sdpa'")
 
 
+def split_head_dim_enabled():
+    return os.environ.get("IWM_FAST_ATTN_SPLIT_HEAD_DIM", "1") != "0"
+
+
+def head_dim_tiles(d, split=None):
+    """(BLOCK_D, BLOCK_D2, SPLIT) covering head dim d: one power-of-two tile (BLOCK_D2 then unused, 16), or a
+    power-of-two tile plus a remainder tile when that pads fewer columns. split=None reads the environment."""
+    if split is None:
+        split = split_head_dim_enabled()
+    padded = max(16, triton.next_power_of_2(d))
+    if split and d > 16:
+        first = padded // 2 if padded > d else padded
+        rest = max(16, triton.next_power_of_2(d - first)) if d > first else 0
+        if rest and first + rest < padded:
+            return first, rest, True
+    return padded, 16, False
+
+
 def _launch_params(q, k):
     d = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d, block_d2, split = head_dim_tiles(d)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return d, block_d, precision
+    return dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_D2=block_d2, SPLIT=split, PRECISION=precision)
 
 
 def _row_align(*tensors):
@@ -478,8 +565,8 @@ def attention_forward(q, k, v, scale=None, key_lengths=None):
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    d, block_d, precision = _launch_params(q, k)
-    out = torch.empty((B, Nq, H, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    tiles = _launch_params(q, k)
+    out = torch.empty((B, Nq, H, tiles["HEAD_DIM"]), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         lse.fill_(float("inf") if Nk == 0 else 0.0)
@@ -488,8 +575,7 @@ def attention_forward(q, k, v, scale=None, key_lengths=None):
     align = _row_align(q, k, v, out)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_fwd_kernel[grid](q, k, v, out, lse, kl, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                           H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk),
-                           HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision, ALIGN=align)
+                           H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), HAS_KL=has_kl, ALIGN=align, **tiles)
     return out, lse
 
 
@@ -498,7 +584,7 @@ def attention_backward(do, q, k, v, out, lse, scale=None, key_lengths=None):
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    d, block_d, precision = _launch_params(q, k)
+    tiles = _launch_params(q, k)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -513,11 +599,10 @@ def attention_backward(do, q, k, v, out, lse, scale=None, key_lengths=None):
     grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_bwd_dq_kernel[grid_q](q, k, v, out, do, lse, delta, dq, kl,
                                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
-                                H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk),
-                                HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision, ALIGN=align)
+                                H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), HAS_KL=has_kl, ALIGN=align, **tiles)
     grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]) * B * H,)  # noqa: E731
     _attn_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, kl,
                                    *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-                                   H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk),
-                                   HEAD_DIM=d, BLOCK_D=block_d, HAS_KL=has_kl, PRECISION=precision, ALIGN=align)
+                                   H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), HAS_KL=has_kl, ALIGN=align,
+                                   **tiles)
     return dq, dk, dv

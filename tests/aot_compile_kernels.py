@@ -20,13 +20,16 @@ from iwm_fast.kernels import gather as G
 def attention_variants():
     blocks = {A._attn_fwd_kernel: dict(BLOCK_M=64, BLOCK_N=64), A._attn_bwd_dkdv_kernel: dict(BLOCK_N=64, BLOCK_M=32),
               A._attn_bwd_dq_kernel: dict(BLOCK_M=64, BLOCK_N=32)}
-    for dtype, head_dim in (("bf16", 80), ("fp16", 24)):
+    # D = 80 both as 64 + 16 tiles and padded to 128; D = 24 has one tiling (32).
+    for dtype, head_dim, split in (("bf16", 80, True), ("bf16", 80, False), ("fp16", 24, False)):
+        block_d, block_d2, split = A.head_dim_tiles(head_dim, split)
         for kernel, blk in blocks.items():
-            consts = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_KL=True,
+            consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_D2=block_d2, SPLIT=split, HAS_KL=True,
                           PRECISION="ieee", ALIGN=8, **blk)
             kinds = {n: f"*{dtype}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
             kinds.update(LSE="*fp32", DELTA="*fp32", KL="*i32", sm_scale="fp32")
-            yield f"{kernel.fn.__name__} {dtype} D={head_dim}", kernel.fn, kinds, consts, 4
+            tiles = f"{block_d}+{block_d2}" if split else str(block_d)
+            yield f"{kernel.fn.__name__} {dtype} D={head_dim} as {tiles}", kernel.fn, kinds, consts, 4
 
 
 def other_variants():

@@ -100,6 +100,53 @@ def test_forward_and_gradients_match_float64(B, H, Nq, Nk, D, dtype):
     _check_against_reference(q, k, v, do, out, grads, D ** -0.5)
 
 
+def test_head_dim_tiles_split_where_it_pads_fewer_columns():
+    from iwm_fast.kernels.attention import head_dim_tiles
+
+    # Head dim: (first tile, second tile, the one padded tile used without the split), written out by hand.
+    split = {33: (32, 16, 64), 40: (32, 16, 64), 48: (32, 16, 64), 72: (64, 16, 128), 80: (64, 16, 128),
+             96: (64, 32, 128), 160: (128, 32, 256), 192: (128, 64, 256)}
+    padded = {1: 16, 16: 16, 24: 32, 32: 32, 64: 64, 100: 128, 112: 128, 128: 128, 200: 256, 256: 256}
+    for d, (a, b, width) in split.items():
+        assert head_dim_tiles(d, split=True) == (a, b, True), d
+        assert head_dim_tiles(d, split=False)[::2] == (width, False), d
+    for d, width in padded.items():
+        assert head_dim_tiles(d, split=True)[::2] == (width, False), d
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "padded"])
+@pytest.mark.parametrize("B,H,Nq,Nk,D,dtype", [(1, 2, 70, 65, 33, F32), (1, 1, 197, 197, 80, F16),
+                                               (2, 1, 45, 38, 72, F32), (1, 2, 40, 57, 96, F16),
+                                               (1, 1, 19, 33, 160, F32)], ids=str)
+def test_split_and_padded_head_dim_tiles_both_match_float64(B, H, Nq, Nk, D, dtype, split, monkeypatch):
+    from iwm_fast.kernels.attention import _launch_params
+
+    monkeypatch.setenv("IWM_FAST_ATTN_SPLIT_HEAD_DIM", "1" if split else "0")
+    q, k, v, do = _inputs(B, H, Nq, Nk, D, dtype, seed=D)
+    assert _launch_params(q, k)["SPLIT"] is split
+    key_lengths = torch.tensor([Nk - 7] * B)
+    out, grads = _run_triton(q, k, v, do, key_lengths=key_lengths)
+    _check_against_reference(q, k, v, do, out, grads, D ** -0.5, key_lengths)
+
+
+def test_autotune_pruning_picks_the_space_of_the_tiles_width():
+    from iwm_fast.kernels import attention as A
+
+    union = sorted({c for space in A._FWD_SPACES.values() for c in space})
+    configs = [A._cfg(*c, ("BLOCK_M", "BLOCK_N")) for c in union]
+
+    def kept(n, block_d, block_d2, split):
+        out = A._PRUNE_FWD(configs, {"N_Q_KEY": n, "N_K_KEY": n}, BLOCK_D=block_d, BLOCK_D2=block_d2, SPLIT=split)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in out}
+
+    assert kept(1024, 64, 16, False) == set(A._FWD_SPACES[64])
+    assert kept(1024, 64, 16, True) == set(A._FWD_SPACES[128])  # D = 80 as 64 + 16
+    assert kept(1024, 128, 16, False) == set(A._FWD_SPACES[128])
+    assert kept(1024, 128, 64, True) == set(A._FWD_SPACES[256])
+    # A 16-token sequence keeps only tiles of at most 32 rows.
+    assert kept(16, 64, 16, False) == {c for c in A._FWD_SPACES[64] if c[0] <= 32 and c[1] <= 32}
+
+
 def test_custom_scale_and_saved_logsumexp():
     from iwm_fast.kernels.attention import attention_forward
 

@@ -202,3 +202,18 @@ def test_naive_backend_is_really_used(monkeypatch):
     calls.clear()
     model.encoder(x)
     assert not calls  # restored on exit
+
+
+def test_attention_bench_times_the_head_dim_split_against_the_padded_tile(monkeypatch):
+    from iwm_fast.bench import attention as bench_attention
+
+    monkeypatch.setattr(bench_attention, "CPU_SHAPES", [("tiny_d40", 1, 1, 9, 40), ("tiny_d32", 1, 1, 9, 32)])
+    rows = bench_attention.run("cpu", quick=False)
+    by = {(r["shape"].split(":")[0], r["provider"], r["metric"]) for r in rows}
+    # D = 40 splits as 32 + 16, so it is also timed padded to 64; D = 32 has one tiling only.
+    assert ("tiny_d40", "triton_padded_d", "tflops_fwdbwd") in by
+    assert ("tiny_d40", "triton", "speedup_vs_padded_d") in by
+    assert not any(s == "tiny_d32" and p == "triton_padded_d" for s, p, _ in by)
+    assert "IWM_FAST_ATTN_SPLIT_HEAD_DIM" not in os.environ  # the switch is put back
+    ratio = next(r for r in rows if r["metric"] == "speedup_vs_padded_d")
+    assert 0 < ratio["p20"] and 0 < ratio["median"] and 0 < ratio["p80"]

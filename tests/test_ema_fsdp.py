@@ -49,6 +49,9 @@ def _worker(rank, world, init_file, result_dir):
         ok = all(torch.equal(p.full_tensor(), r) for p, r in zip(target.parameters(), ref))
         with open(os.path.join(result_dir, f"rank{rank}"), "w") as f:
             f.write("ok" if ok else "mismatch")
+        # Tear down together: a rank destroying its gloo group while the peer is still in a collective has
+        # aborted once ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

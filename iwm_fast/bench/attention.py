@@ -5,7 +5,12 @@ flash-attention's benchmark: 4·B·H·Nq·Nk·D forward, 2.5x that backward), ``
 memory of one forward+backward over the inputs), and for non-SDPA providers ``speedup_vs_best_sdpa``
 (fwd+bwd; ``_fwd`` and ``_bwd`` variants too): the fastest SDPA backend's median time over the provider's,
 both measured in this run. Providers that reject a shape (e.g. SDPA flash at some head dims) are skipped.
+
+At head dims the kernel splits into two tiles (80 = 64 + 16, see kernels/attention.py), the kernel is also
+timed with the split turned off (provider ``triton_padded_d``: one tile padded to the next power of two), and
+``speedup_vs_padded_d`` rows give the split's gain measured in the same run.
 """
+import contextlib
 import importlib.util
 import os
 
@@ -16,6 +21,8 @@ from . import harness
 from ..ops.attention import attention
 
 KERNEL = "attention"
+ROWS_SO_FAR = []  # rows of the shapes finished so far: what a runner stopped at its time limit keeps
+PADDED = "triton_padded_d"
 
 # (name, B, H, N, D). Batch sizes give B*H in the thousands so the short sequences still fill an H100.
 CUDA_SHAPES = [
@@ -26,8 +33,8 @@ CUDA_SHAPES = [
     ("n1024_d64", 32, 16, 1024, 64),
     ("n1568_d64", 16, 16, 1568, 64),             # V-JEPA-sized (16x224x224 clip, tubelet 2, patch 16)
 ]
-# One head dim (one set of kernel compilations + autotuning) covering both targets: N <= 256 and N 1024.
-CUDA_QUICK = ("vit_b16_224", "n1024_d64")
+# Both targets (N <= 256 and N 1024) at one head dim first, then ViT-H's D = 80 with and without the split.
+CUDA_QUICK = ("vit_b16_224", "n1024_d64", "vit_h14_224")
 CPU_SHAPES = [("tiny_d24", 1, 2, 33, 24), ("tiny_d64", 1, 1, 17, 64)]
 
 
@@ -67,6 +74,30 @@ def providers(device):
         from torch.nn.attention import SDPBackend
         found["sdpa_math"] = _sdpa_provider(SDPBackend.MATH)
     return found
+
+
+@contextlib.contextmanager
+def _env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _variants(provs, D):
+    """(label, fn, env) to time at head dim D: every provider, plus the Triton kernel without the head-dim
+    split where it splits D (the environment switch is read at each launch, the backward's included)."""
+    from ..kernels.attention import head_dim_tiles
+
+    out = [(name, fn, None) for name, fn in provs.items()]
+    if "triton" in provs and head_dim_tiles(D, split=True)[2]:
+        out.append((PADDED, provs["triton"], ("IWM_FAST_ATTN_SPLIT_HEAD_DIM", "0")))
+    return out
 
 
 def _inputs(B, H, N, D, dtype, device):
@@ -120,21 +151,24 @@ def _speedup(best_ms, stats_ms):
 def run(device: str, quick: bool) -> list:
     dev_type = torch.device(device).type
     if dev_type == "cuda":
-        shapes = [s for s in CUDA_SHAPES if not quick or s[0] in CUDA_QUICK]
+        by_name = {s[0]: s for s in CUDA_SHAPES}
+        shapes = [by_name[n] for n in CUDA_QUICK] if quick else CUDA_SHAPES
         dtype = torch.bfloat16
     else:
         shapes = CPU_SHAPES[:1] if quick else CPU_SHAPES
         dtype = torch.float32
     meta = harness.metadata(device)
     provs = providers(dev_type)
-    rows = []
+    ROWS_SO_FAR.clear()
+    rows = ROWS_SO_FAR
     for name, B, H, N, D in shapes:
         shape = f"{name}:B{B}xH{H}xN{N}xD{D}"
         fwd_flops = 4 * B * H * N * N * D
         flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwdbwd": 3.5 * fwd_flops}
         results = {}
-        for pname, fn in provs.items():
-            res, why = _measure(fn, B, H, N, D, dtype, device, quick)
+        for pname, fn, env in _variants(provs, D):
+            with _env(*env) if env else contextlib.nullcontext():
+                res, why = _measure(fn, B, H, N, D, dtype, device, quick)
             if res is None:
                 print(f"  skip {pname} at {shape}: {why}")
                 continue
@@ -147,6 +181,10 @@ def run(device: str, quick: bool) -> list:
                 rows.append(harness.row(KERNEL, pname, shape, dtype, "peak_mem_mb", (mem, mem, mem), meta))
             if dev_type == "cuda":
                 torch.cuda.empty_cache()
+        if "triton" in results and PADDED in results:
+            for phase, suffix in (("fwdbwd", ""), ("fwd", "_fwd"), ("bwd", "_bwd")):
+                rows.append(harness.row(KERNEL, "triton", shape, dtype, f"speedup_vs_padded_d{suffix}",
+                                        _speedup(results[PADDED][0][phase][0], results["triton"][0][phase]), meta))
         sdpa = {p: r for p, r in results.items() if p.startswith("sdpa")}
         if not sdpa:
             continue
@@ -157,7 +195,7 @@ def run(device: str, quick: bool) -> list:
                 best = min(r[0][phase][0] for r in sdpa.values())
                 rows.append(harness.row(KERNEL, pname, shape, dtype, f"speedup_vs_best_sdpa{suffix}",
                                         _speedup(best, times[phase]), meta))
-    return rows
+    return list(rows)
 
 
 def main(argv=None):

@@ -30,8 +30,18 @@ def train_main(argv=None):
     except NonFiniteLossError as e:
         logging.getLogger("iwm_fast").error("%s", e)
         return 3
+    finally:
+        _leave_process_group()
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _leave_process_group():
+    # Tear the group down before the interpreter exits, so no rank's communicator threads outlive it.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def eval_main(argv=None):
