@@ -81,8 +81,9 @@ void sample_layouts_cpu(const MaskSpec& s, int32_t* corners, int64_t* counts, in
 void write_masks_cpu(const MaskSpec& s, const int32_t* corners, int64_t keep, int64_t* context, int64_t* targets,
                      int num_threads);
 
-// The CPU sampler uses AVX-512 where the CPU has it, else a portable path; both give the same masks. Tests
-// switch the AVX-512 path off to compare them (process-wide; not for use while sampling).
+// The CPU sampler uses AVX-512 or AVX2 where the CPU has it, else a portable path; all give the same masks.
+// set_simd_enabled(false) forces the portable path (process-wide; not for use while sampling); finer control
+// is in block_masks_simd.h.
 void set_simd_enabled(bool on);
 
 }  // namespace iwm_fast

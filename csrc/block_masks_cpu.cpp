@@ -121,7 +121,7 @@ struct Scratch {
   std::vector<uint32_t> words;     // their 4 key words each
   std::vector<uint64_t> pairs;     // (key << 32) | token
   std::vector<uint64_t> bucket;
-  // The AVX-512 path: the context's rows as membership words, the keys of their tokens, and the candidates.
+  // The vector paths: the context's rows as membership words, the keys of their tokens, and the candidates.
   std::vector<uint64_t> row_bits;
   std::vector<uint32_t> row_key, win_key, win_tok;
   void reserve(const MaskSpec& s) {
@@ -129,7 +129,7 @@ struct Scratch {
     in.resize(n), tokens.resize(n), quads.resize(n + 1), words.resize(4 * n + 4), pairs.resize(n), bucket.resize(n);
     const size_t n_all = static_cast<size_t>(s.tokens());
     row_bits.resize(static_cast<size_t>(s.T * s.H)), row_key.resize(n_all + 80);  // + vector over-reads
-    win_key.resize(n_all), win_tok.resize(n_all);
+    win_key.resize(n_all + 16), win_tok.resize(n_all + 16);  // + AVX2 compress stores of whole vectors
   }
 };
 
@@ -216,11 +216,11 @@ void write_context_scalar(const MaskSpec& s, int64_t b, const int32_t* corners, 
   }
 }
 
-// The AVX-512 path: the context's rows as 64-bit membership words, keys for every token of those rows, then
-// truncate_context_avx512; the portable path for wide grids or when it declines.
+// The vector paths: the context's rows as 64-bit membership words, keys for every token of those rows, then
+// the AVX-512 or AVX2 truncation; the portable path for wide grids or when the vector path declines.
 void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t c, int64_t keep, int64_t* out,
-                   Scratch& sc) {
-  if (!simd_path_available() || s.W > kSimdMaxWidth) return write_context_scalar(s, b, corners, c, keep, out, sc);
+                   Scratch& sc, SimdLevel level) {
+  if (level == kSimdNone || s.W > kSimdMaxWidth) return write_context_scalar(s, b, corners, c, keep, out, sc);
   const Box box = block_box(corners + 3 * (s.num_targets + c), s.context);
   const int64_t first_row = box.t0 * s.H + box.h0, num_rows = (box.t1 - 1) * s.H + box.h1 - first_row;
   uint64_t* rows = sc.row_bits.data();
@@ -243,12 +243,14 @@ void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t
   const int64_t first = first_row * s.W;
   const uint32_t quads_per_context = static_cast<uint32_t>((s.tokens() + 3) / 4);
   const int64_t q0 = first >> 2, nq = ((first + num_rows * s.W - 1) >> 2) - q0 + 1;
-  truncation_keys_avx512(s.seed, s.step, static_cast<uint32_t>(b),
-                         static_cast<uint32_t>(c) * quads_per_context + static_cast<uint32_t>(q0), nq,
-                         sc.row_key.data());
+  const uint32_t q_first = static_cast<uint32_t>(c) * quads_per_context + static_cast<uint32_t>(q0);
+  const bool wide = level == kSimdAvx512;
+  (wide ? truncation_keys_avx512 : truncation_keys_avx2)(s.seed, s.step, static_cast<uint32_t>(b), q_first, nq,
+                                                         sc.row_key.data());
   const SimdContext ctx{rows, num_rows, s.W, first, sc.row_key.data() + (first - 4 * q0)};
-  if (!truncate_context_avx512(ctx, keep, out, sc.win_key.data(), sc.win_tok.data()))
-    write_context_scalar(s, b, corners, c, keep, out, sc);
+  const bool done = (wide ? truncate_context_avx512 : truncate_context_avx2)(ctx, keep, out, sc.win_key.data(),
+                                                                            sc.win_tok.data());
+  if (!done) write_context_scalar(s, b, corners, c, keep, out, sc);
 }
 
 void write_targets(const MaskSpec& s, const int32_t* corners, int64_t* __restrict__ out) {
@@ -275,6 +277,7 @@ void sample_layouts_cpu(const MaskSpec& s, int32_t* corners, int64_t* counts, in
 void write_masks_cpu(const MaskSpec& s, const int32_t* corners, int64_t keep, int64_t* context, int64_t* targets,
                      int num_threads) {
   const int64_t stride = 3 * s.num_blocks();
+  const SimdLevel level = simd_level();
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
   {
     Scratch scratch;
@@ -283,7 +286,7 @@ void write_masks_cpu(const MaskSpec& s, const int32_t* corners, int64_t keep, in
     for (int64_t b = 0; b < s.batch; ++b) {
       const int32_t* corners_b = corners + b * stride;
       for (int64_t c = 0; c < s.num_contexts; ++c)
-        write_context(s, b, corners_b, c, keep, context + (b * s.num_contexts + c) * keep, scratch);
+        write_context(s, b, corners_b, c, keep, context + (b * s.num_contexts + c) * keep, scratch, level);
       write_targets(s, corners_b, targets + b * s.num_targets * s.target.size());
     }
   }

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "block_masks_simd.h"
 #include "ops_common.h"
 
 extern "C" {
@@ -99,6 +100,23 @@ std::tuple<at::Tensor, at::Tensor> sample_block_masks_cpu(
   return {context, targets};
 }
 
+std::string cpu_vector_path() {
+  switch (simd_level()) {
+    case kSimdAvx512: return "avx512";
+    case kSimdAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+// Caps the CPU sampler's vector path for the rest of the process (benchmarks compare the paths); the masks are
+// the same on every path. A path this CPU lacks falls to the next narrower one.
+void set_cpu_vector_path(c10::string_view path) {
+  if (path == "avx512") return set_simd_max_level(kSimdAvx512);
+  if (path == "avx2") return set_simd_max_level(kSimdAvx2);
+  TORCH_CHECK_VALUE(path == "portable", "cpu vector path must be 'avx512', 'avx2' or 'portable', got '", path, "'");
+  set_simd_max_level(kSimdNone);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(iwm_fast, m) {
@@ -107,6 +125,8 @@ TORCH_LIBRARY(iwm_fast, m) {
       "sample_block_masks(Tensor anchor, int batch_size, int[] grid, int num_targets, int num_contexts, "
       "float[] target_scale, float[] target_aspect, float[] context_scale, float[] context_aspect, int min_keep, "
       "bool allow_overlap, int seed, int step, int max_tries, int num_threads) -> (Tensor, Tensor)");
+  m.def("cpu_vector_path() -> str", &cpu_vector_path);
+  m.def("set_cpu_vector_path(str path) -> ()", &set_cpu_vector_path);
 }
 
 TORCH_LIBRARY_IMPL(iwm_fast, CPU, m) { m.impl("sample_block_masks", &sample_block_masks_cpu); }

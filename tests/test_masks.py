@@ -119,6 +119,52 @@ def test_python_and_cpp_return_identical_masks(grid):
             assert torch.equal(py[0], cc[0]) and torch.equal(py[1], cc[1]), (grid, step, kw)
 
 
+_PATH_CHECK = """
+import sys, torch
+from iwm_fast.masks import sample_block_masks
+for grid in [(14, 14), (32, 32), (8, 14, 14), (7, 13), (9, 70)]:
+    for step in (0, 5):
+        for kw in ({}, {"num_contexts": 2}, {"allow_overlap": True}):
+            py = sample_block_masks(16, grid, seed=3, step=step, backend="python", **kw)
+            cc = sample_block_masks(16, grid, seed=3, step=step, backend="cpp", num_threads=1, **kw)
+            if not (torch.equal(py[0], cc[0]) and torch.equal(py[1], cc[1])):
+                sys.exit(f"mismatch at {grid} step {step} {kw}")
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("path", ["avx512", "avx2", "portable"])
+def test_every_cpu_vector_path_matches_the_python_reference(path):
+    # The path is fixed per process (IWM_FAST_MASKS_SIMD caps it; a CPU without the instructions runs the next
+    # narrower path, still a valid check), so each runs in its own interpreter.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "IWM_FAST_MASKS_SIMD": path}
+    check = _PATH_CHECK + "from iwm_fast.masks import _ops; print(_ops.cpu_vector_path())\n"
+    run = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    order = ["portable", "avx2", "avx512"]
+    assert order.index(run.stdout.split()[-1]) <= order.index(path)  # the cap holds
+
+
+@needs_ext
+def test_cpu_vector_path_switch_and_its_bad_value():
+    before = _ops.cpu_vector_path()
+    try:
+        _ops.set_cpu_vector_path("portable")
+        assert _ops.cpu_vector_path() == "portable"
+        portable = sample_block_masks(32, (8, 14, 14), seed=1, step=3, backend="cpp")
+        _ops.set_cpu_vector_path("avx512")
+        best = sample_block_masks(32, (8, 14, 14), seed=1, step=3, backend="cpp")
+        assert torch.equal(portable[0], best[0]) and torch.equal(portable[1], best[1])
+        with pytest.raises(ValueError, match="'avx512', 'avx2' or 'portable'"):
+            _ops.set_cpu_vector_path("sse4")
+    finally:
+        _ops.set_cpu_vector_path(before)
+
+
 @needs_ext
 def test_cpp_same_masks_for_1_and_2_threads():
     one = sample_block_masks(96, (16, 16), seed=4, step=2, backend="cpp", num_threads=1)

@@ -1,10 +1,12 @@
 """Mask-sampling benchmark: time per batch of multi-block masks (B = 256; grids 14x14, 16x16, 32x32, 8x14x14).
 
 Providers: ``ijepa_loop`` (the I-JEPA collator's algorithm with per-sample Python loops, written below),
-``python_vectorised`` (our fallback), ``cpp_1thread`` / ``cpp_all_threads`` (the C++ CPU op) and ``cuda``
-(the CUDA op, launches and the one host sync included). Speedups are reported against ``ijepa_loop``,
-measured in the same run.
+``python_vectorised`` (our fallback), ``cpp_1thread`` / ``cpp_all_threads`` (the C++ CPU op on its widest
+vector path) and ``cuda`` (the CUDA op, launches and the one host sync included). The narrower CPU paths are
+timed on one core too (``cpp_1thread_avx2``, ``cpp_1thread_portable``: what a CPU without AVX-512 or AVX2
+would run, same masks). Speedups are reported against ``ijepa_loop``, measured in the same run.
 """
+import contextlib
 import math
 import os
 
@@ -75,6 +77,25 @@ def ijepa_loop_masks(batch_size, grid, seed=0, step=0, num_targets=4, min_keep=1
     return context, targets
 
 
+def _narrower_cpu_paths():
+    """The C++ op's CPU vector paths narrower than the best one this CPU has (timed too, as cpp_1thread_PATH)."""
+    order = ["portable", "avx2", "avx512"]
+    return order[:order.index(_ops.cpu_vector_path())] if _ops.HAS_EXT else []
+
+
+@contextlib.contextmanager
+def _cpu_path(path):
+    if path is None:
+        yield
+        return
+    best = _ops.cpu_vector_path()
+    _ops.set_cpu_vector_path(path)
+    try:
+        yield
+    finally:
+        _ops.set_cpu_vector_path(best)
+
+
 def _providers(device, batch, grid):
     dev = torch.device(device)
     yield "ijepa_loop", "cpu", lambda: ijepa_loop_masks(batch, grid)
@@ -82,6 +103,9 @@ def _providers(device, batch, grid):
         yield "python_vectorised", "cpu", lambda: sample_block_masks(batch, grid, backend="python")
         if _ops.HAS_EXT:
             yield "cpp_1thread", "cpu", lambda: sample_block_masks(batch, grid, backend="cpp", num_threads=1)
+            for path in reversed(_narrower_cpu_paths()):
+                yield f"cpp_1thread_{path}", "cpu", lambda: sample_block_masks(batch, grid, backend="cpp",
+                                                                                num_threads=1)
             yield "cpp_all_threads", "cpu", lambda: sample_block_masks(batch, grid, backend="cpp",
                                                                        num_threads=os.cpu_count() or 1)
     else:
@@ -105,7 +129,9 @@ def run(device: str, quick: bool) -> list[dict]:
         base = None
         for name, where, fn in _providers(device, batch, grid):
             reps = 5 if name == "ijepa_loop" else 30
-            stats = harness.time_ms(fn, where, cpu_reps=3 if quick else reps)
+            path = name.removeprefix("cpp_1thread_") if name.startswith("cpp_1thread_") else None
+            with _cpu_path(path):
+                stats = harness.time_ms(fn, where, cpu_reps=3 if quick else reps)
             rows.append(harness.row("block_masks", name, shape, torch.int64, "ms_per_batch", stats, meta))
             if name == "ijepa_loop":
                 base = stats

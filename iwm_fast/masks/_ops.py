@@ -16,6 +16,21 @@ def cuda_available_in_ext() -> bool:
     return HAS_EXT and torch._C._dispatch_has_kernel_for_dispatch_key("iwm_fast::sample_block_masks", "CUDA")
 
 
+def cpu_vector_path() -> str:
+    """The C++ CPU sampler's vector path: ``avx512``, ``avx2`` or ``portable`` (same masks on every path)."""
+    if not HAS_EXT:
+        raise RuntimeError(f"iwm_fast._C is not built ({IMPORT_ERROR})")
+    return torch.ops.iwm_fast.cpu_vector_path()
+
+
+def set_cpu_vector_path(path: str) -> None:
+    """Cap the C++ CPU sampler's vector path for this process (``avx512``, ``avx2`` or ``portable``); the
+    environment variable ``IWM_FAST_MASKS_SIMD`` sets the initial cap. For benchmarks and debugging."""
+    if not HAS_EXT:
+        raise RuntimeError(f"iwm_fast._C is not built ({IMPORT_ERROR})")
+    torch.ops.iwm_fast.set_cpu_vector_path(path)
+
+
 if HAS_EXT:
 
     @torch.library.register_fake("iwm_fast::sample_block_masks")

@@ -107,13 +107,16 @@ static void test_last_row_and_column_reachable() {
   EXPECT(row && col);
 }
 
-// The AVX-512 path (where the CPU has it) and the portable path return the same masks, including the
-// AVX-512 path's fallback when its window misses the cut (made common here by a window 0.2 sigma wide).
-static void test_simd_and_portable_paths_agree() {
-  if (!simd_path_available()) {
-    std::puts("note: no AVX-512 on this CPU; only the portable path was tested");
+// The AVX-512 and AVX2 paths (where the CPU has them) and the portable path return the same masks, including
+// the vector paths' fallback when their window misses the cut (made common here by a window 0.2 sigma wide).
+static void test_vector_and_portable_paths_agree() {
+  set_simd_max_level(kSimdAvx512);
+  const SimdLevel best = simd_level();
+  if (best == kSimdNone) {
+    std::puts("note: no AVX2 or AVX-512 on this CPU; only the portable path was tested");
     return;
   }
+  if (best == kSimdAvx2) std::puts("note: no AVX-512 on this CPU; the AVX2 and portable paths were compared");
   const int64_t grids[][3] = {{1, 14, 14}, {1, 32, 32}, {8, 14, 14}, {1, 7, 13}, {3, 5, 11}, {1, 64, 64},
                               {1, 9, 70}, {2, 3, 3}};
   for (double sigmas : {4.5, 0.2}) {
@@ -126,15 +129,19 @@ static void test_simd_and_portable_paths_agree() {
           if (variant == 1) s.allow_overlap = true;
           if (variant == 2) s.num_contexts = 2, s.context = block_extent(0.5, 0.4, 0.6, 0.8, 1.25, g[0], g[1], g[2]);
           if (variant == 3) s.num_targets = 12, s.target = block_extent(0.5, 0.02, 0.04, 0.75, 1.5, g[0], g[1], g[2]);
-          set_simd_enabled(true);
-          const Result a = run(s, 2);
-          set_simd_enabled(false);
-          const Result b = run(s, 2);
-          EXPECT(a.keep == b.keep && a.context == b.context && a.targets == b.targets);
+          set_simd_max_level(kSimdNone);
+          const Result portable = run(s, 2);
+          for (SimdLevel level : {kSimdAvx2, kSimdAvx512}) {
+            if (level > best) continue;
+            set_simd_max_level(level);
+            EXPECT(simd_level() == level);
+            const Result r = run(s, 2);
+            EXPECT(r.keep == portable.keep && r.context == portable.context && r.targets == portable.targets);
+          }
         }
   }
   set_simd_window_sigmas(4.5);
-  set_simd_enabled(true);
+  set_simd_max_level(kSimdAvx512);
 }
 
 static void test_failure_is_reported() {
@@ -157,7 +164,7 @@ int main() {
   test_thread_count_independent();
   test_last_row_and_column_reachable();
   test_failure_is_reported();
-  test_simd_and_portable_paths_agree();
+  test_vector_and_portable_paths_agree();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return EXIT_FAILURE;
