@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "block_masks.h"
+#include "block_masks_blocks.h"  // kMaxBlocksCuda
 
 namespace iwm_fast {
 
@@ -14,8 +15,5 @@ int launch_sample_layouts_cuda(const MaskSpec& s, int32_t* corners, int64_t* cou
 // [batch, num_targets, target.size()], both int64. Returns a CUDA error code (0 = success).
 int launch_write_masks_cuda(const MaskSpec& s, const int32_t* corners, int64_t keep, int64_t* context,
                             int64_t* targets, void* stream);
-
-// Most blocks per sample the kernels hold in shared memory.
-constexpr int kMaxBlocksCuda = 64;
 
 }  // namespace iwm_fast
