@@ -17,7 +17,7 @@ struct CudaBlock {
   __device__ int thread() const { return static_cast<int>(threadIdx.x); }
   __device__ int size() const { return static_cast<int>(blockDim.x); }
   __device__ void sync() const { __syncthreads(); }
-  __device__ void atomic_add(int* p, int v) const { atomicAdd(p, v); }
+  __device__ int atomic_add(int* p, int v) const { return atomicAdd(p, v); }
 };
 
 __global__ void sample_layouts_kernel(MaskSpec s, int32_t* __restrict__ corners, int64_t* __restrict__ counts) {

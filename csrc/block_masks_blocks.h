@@ -4,7 +4,7 @@
 // sampler without a GPU.
 //
 // Block provides thread() and size() (this thread's index and the thread count), sync() (a barrier of the
-// whole block) and atomic_add(int*, int) on the shared struct. Shared state lives in the structs below (CUDA
+// whole block) and atomic_add(int*, int) -> the old value, on the shared struct. Shared state lives in the structs below (CUDA
 // shared memory in the kernels); the write program also takes a dynamic scratch of write_scratch_bytes().
 #pragma once
 #include <climits>
@@ -30,9 +30,17 @@ struct LayoutShared {
   int least, n_ctx;
 };
 
+// Candidates of the boundary bin kept in shared memory; a bin with more (a vanishing chance for random keys)
+// makes the write program rank against every context token instead.
+constexpr int kMaxBinList = 256;
+
 struct WriteShared {
   int32_t cs[kMaxBlocksCuda * 3];
   int total;
+  int hist[256];  // context tokens per top key byte
+  int bin, below, n_list;
+  uint32_t list_key[kMaxBinList];
+  int32_t list_k[kMaxBinList];
   int chunk_base[kMaxWriteThreads];
 };
 
@@ -81,8 +89,8 @@ IWM_BLOCK_FN void sample_layout_block(const Block& blk, const MaskSpec& s, int64
 }
 
 // Phase 2 for context c of sample b: its `keep` tokens with the smallest (key, index), ascending, and (for
-// c == 0) the sample's target tokens.
-template <class Block>
+// c == 0) the sample's target tokens. kList (at most kMaxBinList) is lowered by tests to force the fallback.
+template <class Block, int kList = kMaxBinList>
 IWM_BLOCK_FN void write_masks_block(const Block& blk, const MaskSpec& s, int64_t b, int64_t c,
                                     const int32_t* __restrict__ corners, int64_t keep, int64_t* __restrict__ context,
                                     int64_t* __restrict__ targets, WriteShared& sh, unsigned char* scratch) {
@@ -93,7 +101,8 @@ IWM_BLOCK_FN void write_masks_block(const Block& blk, const MaskSpec& s, int64_t
   uint32_t* keys = reinterpret_cast<uint32_t*>(scratch);
   unsigned char* flags = scratch + csize * sizeof(uint32_t);  // bit 0: in the context, bit 1: kept
   for (int j = tid; j < 3 * nb; j += nt) sh.cs[j] = corners[b * 3 * nb + j];
-  if (tid == 0) sh.total = 0;
+  for (int j = tid; j < 256; j += nt) sh.hist[j] = 0;
+  if (tid == 0) sh.total = 0, sh.n_list = 0;
   blk.sync();
   const int32_t* cc = sh.cs + 3 * (s.num_targets + c);
 
@@ -104,11 +113,29 @@ IWM_BLOCK_FN void write_masks_block(const Block& blk, const MaskSpec& s, int64_t
     const bool in = s.allow_overlap || !in_any_target(s, sh.cs, t, h, w);
     flags[k] = in ? 1 : 0;
     keys[k] = in ? truncation_key(s, b, c, t * HW + h * s.W + w) : 0u;
+    if (in) blk.atomic_add(&sh.hist[keys[k] >> 24], 1);
     in_ctx += in;
   }
   blk.atomic_add(&sh.total, in_ctx);
   blk.sync();
   const bool truncate = sh.total > keep;
+
+  // Radix selection on the top key byte: tokens below the boundary bin are kept, above it dropped, and only
+  // the bin's few tokens are ranked, against a list of the bin gathered in shared memory.
+  if (truncate) {
+    if (tid == 0) {
+      int below = 0, bin = 0;
+      while (below + sh.hist[bin] < keep) below += sh.hist[bin++];
+      sh.bin = bin, sh.below = below;
+    }
+    blk.sync();
+    for (int64_t k = tid; k < csize; k += nt)
+      if ((flags[k] & 1) && static_cast<int>(keys[k] >> 24) == sh.bin) {
+        const int slot = blk.atomic_add(&sh.n_list, 1);
+        if (slot < kList) sh.list_key[slot] = keys[k], sh.list_k[slot] = static_cast<int32_t>(k);
+      }
+    blk.sync();
+  }
 
   // Contiguous chunk per thread so that an exclusive scan over threads orders the output.
   const int64_t chunk = (csize + nt - 1) / nt;
@@ -118,12 +145,21 @@ IWM_BLOCK_FN void write_masks_block(const Block& blk, const MaskSpec& s, int64_t
     if (!(flags[k] & 1)) continue;
     bool keep_k = true;
     if (truncate) {
-      // Rank of (key, index) among the context tokens; flat index order equals region order.
       const uint32_t key = keys[k];
-      int64_t rank = 0;
-      for (int64_t j = 0; j < csize; ++j)
-        rank += (flags[j] & 1) && (keys[j] < key || (keys[j] == key && j < k));
-      keep_k = rank < keep;
+      const int top = static_cast<int>(key >> 24);
+      if (top != sh.bin) {
+        keep_k = top < sh.bin;
+      } else if (sh.n_list <= kList) {  // rank of (key, index) within the bin
+        int64_t rank = sh.below;
+        for (int i = 0; i < sh.n_list; ++i)
+          rank += sh.list_key[i] < key || (sh.list_key[i] == key && sh.list_k[i] < k);
+        keep_k = rank < keep;
+      } else {  // rank among all context tokens; flat index order equals region order
+        int64_t rank = 0;
+        for (int64_t j = 0; j < csize; ++j)
+          rank += (flags[j] & 1) && (keys[j] < key || (keys[j] == key && j < k));
+        keep_k = rank < keep;
+      }
     }
     if (keep_k) {
       flags[k] |= 2;

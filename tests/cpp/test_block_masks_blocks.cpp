@@ -1,7 +1,8 @@
 // The CUDA kernels' thread-block programs (csrc/block_masks_blocks.h) run on CPU threads that meet at a
 // std::barrier, one emulated thread block at a time, and must return exactly what the CPU sampler returns:
 // the same corners, counts, contexts and targets. Thread counts 1, 7 and 32 (the kernels launch 128 and
-// 256) exercise the strided loops, the per-thread chunks and the scan over threads at other sizes.
+// 256) exercise the strided loops, the per-thread chunks and the scan over threads at other sizes; a
+// one-entry bin list exercises the truncation's fallback.
 #include <algorithm>
 #include <atomic>
 #include <barrier>
@@ -30,7 +31,7 @@ struct ThreadBlock {
   int thread() const { return tid; }
   int size() const { return n; }
   void sync() const { bar->arrive_and_wait(); }
-  void atomic_add(int* p, int v) const { std::atomic_ref<int>(*p).fetch_add(v); }
+  int atomic_add(int* p, int v) const { return std::atomic_ref<int>(*p).fetch_add(v); }
 };
 
 // Runs program(block) on n threads as one thread block.
@@ -61,6 +62,7 @@ static Masks cpu_sampler(const MaskSpec& s) {
   return m;
 }
 
+template <int kList = kMaxBinList>
 static Masks block_programs(const MaskSpec& s, int threads) {
   Masks m;
   m.corners.assign(s.batch * s.num_blocks() * 3, -7);  // poisoned: every entry must be written
@@ -80,8 +82,8 @@ static Masks block_programs(const MaskSpec& s, int threads) {
     for (int64_t c = 0; c < s.num_contexts; ++c) {
       WriteShared sh{};
       run_block(threads, [&](const ThreadBlock& blk) {
-        write_masks_block(blk, s, b, c, m.corners.data(), m.keep, m.context.data(), m.targets.data(), sh,
-                          scratch.data());
+        write_masks_block<ThreadBlock, kList>(blk, s, b, c, m.corners.data(), m.keep, m.context.data(),
+                                              m.targets.data(), sh, scratch.data());
       });
     }
   return m;
@@ -117,6 +119,9 @@ static void test_block_programs_match_the_cpu_sampler() {
           EXPECT(got.context == want.context && got.targets == want.targets);
           ++compared;
         }
+        // A one-entry bin list: most boundary bins overflow it and take the rank-against-all fallback.
+        const Masks fallback = block_programs<1>(s, 7);
+        EXPECT(fallback.context == want.context && fallback.targets == want.targets);
       }
   EXPECT(compared == 5 * 2 * 4 * 3);
 }
