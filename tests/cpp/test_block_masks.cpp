@@ -6,18 +6,12 @@
 #include <vector>
 
 #include "block_masks.h"
+#include "expect.h"
+#include "mask_specs.h"
 #include "block_masks_simd.h"
 
 using namespace iwm_fast;
 
-static int failures = 0;
-#define EXPECT(cond)                                                  \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                     \
-    }                                                                 \
-  } while (0)
 
 // Known-answer vectors of Random123 for Philox4x32-10.
 static void test_philox_known_answers() {
@@ -27,18 +21,7 @@ static void test_philox_known_answers() {
   EXPECT(b.x == 0x408f276du && b.y == 0x41c83b0eu && b.z == 0xa20bc7c6u && b.w == 0x6d5451fdu);
 }
 
-static MaskSpec spec(int64_t T, int64_t H, int64_t W, uint64_t step) {
-  MaskSpec s{};
-  s.batch = 64;
-  s.T = T, s.H = H, s.W = W;
-  s.num_targets = 4, s.num_contexts = 1;
-  double ut, uc;
-  batch_uniforms(7, step, &ut, &uc);
-  s.target = block_extent(ut, 0.15, 0.2, 0.75, 1.5, T, H, W);
-  s.context = block_extent(uc, 0.85, 1.0, 1.0, 1.0, T, H, W);
-  s.min_keep = 10, s.allow_overlap = false, s.seed = 7, s.step = step, s.max_tries = 100;
-  return s;
-}
+static MaskSpec spec(int64_t T, int64_t H, int64_t W, uint64_t step) { return ijepa_spec(T, H, W, 7, step, 64); }
 
 struct Result {
   std::vector<int32_t> corners;
@@ -124,11 +107,7 @@ static void test_vector_and_portable_paths_agree() {
     for (const auto& g : grids)
       for (uint64_t step = 0; step < 6; ++step)
         for (int variant = 0; variant < 4; ++variant) {
-          MaskSpec s = spec(g[0], g[1], g[2], step);
-          s.min_keep = 1, s.max_tries = 1000;
-          if (variant == 1) s.allow_overlap = true;
-          if (variant == 2) s.num_contexts = 2, s.context = block_extent(0.5, 0.4, 0.6, 0.8, 1.25, g[0], g[1], g[2]);
-          if (variant == 3) s.num_targets = 12, s.target = block_extent(0.5, 0.02, 0.04, 0.75, 1.5, g[0], g[1], g[2]);
+          const MaskSpec s = with_variant(spec(g[0], g[1], g[2], step), variant);
           set_simd_max_level(kSimdNone);
           const Result portable = run(s, 2);
           for (SimdLevel level : {kSimdAvx2, kSimdAvx512}) {
@@ -165,10 +144,5 @@ int main() {
   test_last_row_and_column_reachable();
   test_failure_is_reported();
   test_vector_and_portable_paths_agree();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return EXIT_FAILURE;
-  }
-  std::puts("block mask tests passed");
-  return EXIT_SUCCESS;
+  return report("block mask tests");
 }

@@ -12,18 +12,12 @@
 #include <vector>
 
 #include "block_masks.h"
+#include "expect.h"
+#include "mask_specs.h"
 #include "block_masks_blocks.h"
 
 using namespace iwm_fast;
 
-static int failures = 0;
-#define EXPECT(cond)                                                         \
-  do {                                                                       \
-    if (!(cond)) {                                                           \
-      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                            \
-    }                                                                        \
-  } while (0)
 
 struct ThreadBlock {
   int tid, n;
@@ -89,21 +83,6 @@ static Masks block_programs(const MaskSpec& s, int threads) {
   return m;
 }
 
-static MaskSpec spec(int64_t T, int64_t H, int64_t W, uint64_t step, int variant) {
-  MaskSpec s{};
-  s.batch = 12;
-  s.T = T, s.H = H, s.W = W;
-  s.num_targets = 4, s.num_contexts = 1;
-  double ut, uc;
-  batch_uniforms(11, step, &ut, &uc);
-  s.target = block_extent(ut, 0.15, 0.2, 0.75, 1.5, T, H, W);
-  s.context = block_extent(uc, 0.85, 1.0, 1.0, 1.0, T, H, W);
-  s.min_keep = 1, s.allow_overlap = false, s.seed = 11, s.step = step, s.max_tries = 1000;
-  if (variant == 1) s.allow_overlap = true;
-  if (variant == 2) s.num_contexts = 2, s.context = block_extent(0.5, 0.4, 0.6, 0.8, 1.25, T, H, W);
-  if (variant == 3) s.num_targets = 12, s.target = block_extent(0.5, 0.02, 0.04, 0.75, 1.5, T, H, W);
-  return s;
-}
 
 static void test_block_programs_match_the_cpu_sampler() {
   const int64_t grids[][3] = {{1, 14, 14}, {1, 16, 16}, {2, 7, 13}, {1, 3, 3}, {4, 9, 11}};
@@ -111,7 +90,7 @@ static void test_block_programs_match_the_cpu_sampler() {
   for (const auto& g : grids)
     for (uint64_t step = 0; step < 2; ++step)
       for (int variant = 0; variant < 4; ++variant) {
-        const MaskSpec s = spec(g[0], g[1], g[2], step, variant);
+        const MaskSpec s = with_variant(ijepa_spec(g[0], g[1], g[2], 11, step, 12), variant);
         const Masks want = cpu_sampler(s);
         for (int threads : {1, 7, 32}) {
           const Masks got = block_programs(s, threads);
@@ -128,7 +107,7 @@ static void test_block_programs_match_the_cpu_sampler() {
 
 // No layout keeps min_keep context tokens: every sample reports -1, as on the CPU.
 static void test_failed_layouts_are_reported() {
-  MaskSpec s = spec(1, 6, 6, 0, 0);
+  MaskSpec s = ijepa_spec(1, 6, 6, 11, 0, 12);
   s.target = Extent{1, 5, 5};
   s.context = Extent{1, 6, 6};
   s.min_keep = 20, s.max_tries = 5;
@@ -139,10 +118,5 @@ static void test_failed_layouts_are_reported() {
 int main() {
   test_block_programs_match_the_cpu_sampler();
   test_failed_layouts_are_reported();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return EXIT_FAILURE;
-  }
-  std::puts("block program tests passed");
-  return EXIT_SUCCESS;
+  return report("block program tests");
 }
