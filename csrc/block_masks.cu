@@ -45,7 +45,7 @@ int launch_write_masks_cuda(const MaskSpec& s, const int32_t* corners, int64_t k
                             int64_t* targets, void* stream) {
   if (s.num_blocks() > kMaxBlocksCuda) return static_cast<int>(cudaErrorInvalidValue);
   const size_t smem = write_scratch_bytes(s);
-  if (smem > 48 * 1024) {
+  if (smem + sizeof(WriteShared) > 48 * 1024) {  // static + dynamic shared memory past the default limit: opt in
     const cudaError_t err =
         cudaFuncSetAttribute(write_masks_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return static_cast<int>(err);
