@@ -1,10 +1,16 @@
 """Compile every Triton kernel ahead of time for a CUDA target, without a GPU (run as a script).
 
-Usage: python tests/aot_compile_kernels.py ARCH   (80 or 90); prints one line per compiled kernel variant.
+Usage: python tests/aot_compile_kernels.py ARCH   (80 or 90); prints one line per compiled kernel variant,
+with the count of tensor-core instructions in its SASS (HGMMA: Hopper's wgmma; HMMA: mma.sync) when Triton's
+cuobjdump is there.
 Must run with TRITON_INTERPRET unset or 0: under the interpreter the kernels are not JIT functions.
 """
 import inspect
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 import triton.language as tl
@@ -52,6 +58,19 @@ def signature(jit_fn, kinds, constexprs):
             for name in inspect.signature(jit_fn.fn).parameters}
 
 
+def mma_counts(cubin):
+    """'HGMMA:n HMMA:m' from the SASS of a cubin, or '' without Triton's cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    counts = {op: len(re.findall(r"\b" + op + r"\b", sass)) for op in ("HGMMA", "HMMA")}
+    return " ".join(f"{op}:{n}" for op, n in counts.items())
+
+
 def main(arch):
     for label, jit_fn, kinds, consts, warps in (*attention_variants(), *other_variants()):
         src = ASTSource(fn=jit_fn, signature=signature(jit_fn, kinds, consts), constexprs=consts)
@@ -60,7 +79,8 @@ def main(arch):
         cubin = compiled.asm.get("cubin") or b""
         if not cubin:
             raise SystemExit(f"{label}: no cubin produced")
-        print(f"{label} sm_{arch}: cubin {len(cubin)} bytes, {compiled.metadata.shared} bytes of shared memory")
+        print(f"{label} sm_{arch}: cubin {len(cubin)} bytes, {compiled.metadata.shared} bytes of shared memory, "
+              f"mma {mma_counts(cubin) or 'unknown'}")
 
 
 if __name__ == "__main__":

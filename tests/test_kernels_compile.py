@@ -25,4 +25,13 @@ def test_triton_kernels_compile_for_sm80_and_sm90(arch, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = {line.split()[0] for line in run.stdout.splitlines()}
     assert compiled == set(KERNELS), run.stdout
-    assert len(run.stdout.strip().splitlines()) == 14, run.stdout  # 9 attention variants, gather, scatter, 3 EMA
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 14, run.stdout  # 9 attention variants, gather, scatter, 3 EMA
+    # The attention dots must run on the tensor cores' fast path: wgmma (HGMMA) on Hopper, mma.sync (HMMA) on
+    # Ampere. A kernel that falls back to FMA loops still compiles; this is what would catch it.
+    want = "HGMMA" if arch == 90 else "HMMA"
+    for line in (x for x in lines if x.startswith("_attn")):
+        counts = dict(kv.split(":") for kv in line.split("mma ")[-1].split()) if "unknown" not in line else None
+        if counts is None:
+            pytest.skip("no cuobjdump in this Triton build to read the SASS")
+        assert int(counts[want]) > 0, line
