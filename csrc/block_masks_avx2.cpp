@@ -37,6 +37,7 @@ constexpr CompressTable kCompress = make_compress_table();
 struct Avx2 {
   using vec = __m256i;
   using mask = uint32_t;  // bits 0-7
+  static constexpr int kPhiloxGroups = 3;  // independent counter groups per Philox step
   static constexpr int kLanes = 8;
   static vec iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
   static vec set1(uint32_t v) { return _mm256_set1_epi32(static_cast<int32_t>(v)); }

@@ -16,6 +16,7 @@ namespace {
 struct Avx512 {
   using vec = __m512i;
   using mask = __mmask16;
+  static constexpr int kPhiloxGroups = 4;  // independent counter groups per Philox step
   static constexpr int kLanes = 16;
   static vec iota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
   static vec set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int32_t>(v)); }

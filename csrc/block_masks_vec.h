@@ -51,28 +51,45 @@ __attribute__((always_inline)) inline void for_each_vector(const SimdContext& c,
   }
 }
 
-template <typename V>
-void truncation_keys_vec(uint64_t seed, uint64_t step, uint32_t sample, uint32_t first, int64_t n, uint32_t* out) {
+// U independent groups of L counters per step: the rounds of one group are a dependent chain of multiplies,
+// so several groups in flight keep the multiplier busy.
+template <typename V, int U>
+__attribute__((always_inline)) inline void philox_groups(uint64_t seed, uint64_t step, uint32_t sample,
+                                                         uint32_t first, uint32_t* dst) {
   using vec = typename V::vec;
   constexpr int L = V::kLanes;
   const vec iota = V::iota(), m0 = V::set1(0xD2511F53u), m1 = V::set1(0xCD9E8D57u);
   const uint32_t w0 = static_cast<uint32_t>((step >> 32) & 0x0FFFFFFFu) | (kStreamTruncate << 28);
-  for (int64_t i = 0; i < n; i += L) {
-    vec x = V::add(V::set1(first + static_cast<uint32_t>(i)), iota);
-    vec y = V::set1(sample), z = V::set1(static_cast<uint32_t>(step)), w = V::set1(w0);
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int r = 0; r < 10; ++r) {  // Philox4x32-10, as philox.h, on L counters at once
-      if (r > 0) k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+  vec x[U], y[U], z[U], w[U];
+  for (int u = 0; u < U; ++u) {
+    x[u] = V::add(V::set1(first + static_cast<uint32_t>(u * L)), iota);
+    y[u] = V::set1(sample), z[u] = V::set1(static_cast<uint32_t>(step)), w[u] = V::set1(w0);
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {  // Philox4x32-10, as philox.h, on U * L counters at once
+    if (r > 0) k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+    const vec vk0 = V::set1(k0), vk1 = V::set1(k1);
+    for (int u = 0; u < U; ++u) {
       vec hi0, lo0, hi1, lo1;
-      V::mulhilo(x, m0, hi0, lo0);
-      V::mulhilo(z, m1, hi1, lo1);
-      const vec nx = V::xor_(V::xor_(hi1, y), V::set1(k0));
-      const vec nz = V::xor_(V::xor_(hi0, w), V::set1(k1));
-      x = nx, y = lo1, z = nz, w = lo0;
+      V::mulhilo(x[u], m0, hi0, lo0);
+      V::mulhilo(z[u], m1, hi1, lo1);
+      const vec nx = V::xor_(V::xor_(hi1, y[u]), vk0);
+      const vec nz = V::xor_(V::xor_(hi0, w[u]), vk1);
+      x[u] = nx, y[u] = lo1, z[u] = nz, w[u] = lo0;
     }
+  }
+  for (int u = 0; u < U; ++u) V::store_quads(dst + 4 * L * u, x[u], y[u], z[u], w[u]);
+}
+
+template <typename V>
+void truncation_keys_vec(uint64_t seed, uint64_t step, uint32_t sample, uint32_t first, int64_t n, uint32_t* out) {
+  constexpr int L = V::kLanes, U = V::kPhiloxGroups;
+  int64_t i = 0;
+  for (; n - i >= U * L; i += U * L) philox_groups<V, U>(seed, step, sample, first + static_cast<uint32_t>(i), out + 4 * i);
+  for (; i < n; i += L) {
     alignas(64) uint32_t buf[4 * L];
     uint32_t* dst = n - i >= L ? out + 4 * i : buf;
-    V::store_quads(dst, x, y, z, w);
+    philox_groups<V, 1>(seed, step, sample, first + static_cast<uint32_t>(i), dst);
     if (dst == buf)
       for (int64_t j = 0; j < 4 * (n - i); ++j) out[4 * i + j] = buf[j];
   }
