@@ -122,13 +122,14 @@ struct Scratch {
   std::vector<uint64_t> pairs;     // (key << 32) | token
   std::vector<uint64_t> bucket;
   // The vector paths: the context's rows as membership words, the keys of their tokens, and the candidates.
-  std::vector<uint64_t> row_bits;
+  std::vector<uint64_t> row_bits, flat_bits;
   std::vector<uint32_t> row_key, win_key, win_tok;
   void reserve(const MaskSpec& s) {
     const size_t n = static_cast<size_t>(s.context.size());
     in.resize(n), tokens.resize(n), quads.resize(n + 1), words.resize(4 * n + 4), pairs.resize(n), bucket.resize(n);
     const size_t n_all = static_cast<size_t>(s.tokens());
-    row_bits.resize(static_cast<size_t>(s.T * s.H)), row_key.resize(n_all + 80);  // + vector over-reads
+    row_bits.resize(static_cast<size_t>(s.T * s.H)), flat_bits.resize(n_all / 64 + 2);
+    row_key.resize(n_all + 80);  // + vector over-reads
     win_key.resize(n_all + 16), win_tok.resize(n_all + 16);  // + AVX2 compress stores of whole vectors
   }
 };
@@ -216,7 +217,8 @@ void write_context_scalar(const MaskSpec& s, int64_t b, const int32_t* corners, 
   }
 }
 
-// The vector paths: the context's rows as 64-bit membership words, keys for every token of those rows, then
+// The vector paths: the context's rows as 64-bit membership words, then one bitset over their tokens, keys for
+// every token of those rows, then
 // the AVX-512 or AVX2 truncation; the portable path for wide grids or when the vector path declines.
 void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t c, int64_t keep, int64_t* out,
                    Scratch& sc, SimdLevel level) {
@@ -247,7 +249,16 @@ void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t
   const bool wide = level == kSimdAvx512;
   (wide ? truncation_keys_avx512 : truncation_keys_avx2)(s.seed, s.step, static_cast<uint32_t>(b), q_first, nq,
                                                          sc.row_key.data());
-  const SimdContext ctx{rows, num_rows, s.W, first, sc.row_key.data() + (first - 4 * q0)};
+  // The rows' membership as one bitset over the run of their tokens.
+  const int64_t n = num_rows * s.W;
+  uint64_t* flat = sc.flat_bits.data();
+  std::fill(flat, flat + (n >> 6) + 1, uint64_t{0});
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const int64_t o = r * s.W, shift = o & 63;
+    flat[o >> 6] |= rows[r] << shift;
+    if (shift + s.W > 64) flat[(o >> 6) + 1] |= rows[r] >> (64 - shift);  // shift > 0 here: W <= 64
+  }
+  const SimdContext ctx{flat, n, first, sc.row_key.data() + (first - 4 * q0)};
   const bool done = (wide ? truncate_context_avx512 : truncate_context_avx2)(ctx, keep, out, sc.win_key.data(),
                                                                             sc.win_tok.data());
   if (!done) write_context_scalar(s, b, corners, c, keep, out, sc);

@@ -29,12 +29,12 @@ double simd_window_sigmas();
 // Grids up to this wide have each row's membership in one 64-bit word.
 constexpr int64_t kSimdMaxWidth = 64;
 
-// One context as rows of the grid: rows r = 0 .. num_rows - 1 hold tokens first + r * W + w, w < W, and
-// bit w of row_bits[r] marks a context token. key[r * W + w] is that token's truncation key, readable up to
-// 16 words past the last row. win_key and win_tok hold num_rows * W + 16 entries.
+// One context as a run of n grid tokens first .. first + n - 1 (whole rows): bit i of bits marks a context
+// token (bits holds n / 64 + 1 words, zero past n); key[i] is token first + i's truncation key, readable up to
+// 16 words past n. win_key and win_tok hold n + 16 entries.
 struct SimdContext {
-  const uint64_t* row_bits;
-  int64_t num_rows, W, first;
+  const uint64_t* bits;
+  int64_t n, first;
   const uint32_t* key;
 };
 

@@ -4,8 +4,8 @@
 // here has internal linkage, so no copy compiled for one instruction set can be picked by the linker for a
 // caller built for another (which a shared inline function or template instantiated in the region could be).
 //
-// The keep tokens with the smallest (key, index), without sorting. The context is a few grid rows with a
-// 64-bit membership word each. The keys are uniform 32-bit words, so the cut (the keep-th smallest key of
+// The keep tokens with the smallest (key, index), without sorting. The context is a run of whole grid rows
+// with a membership bit per token. The keys are uniform 32-bit words, so the cut (the keep-th smallest key of
 // count) lies near the quantile p = keep / count, with standard deviation sqrt(p (1 - p) / count). One vector
 // pass counts the context tokens below a window some standard deviations wide on each side and compresses
 // those inside it into a short candidate list; a 256-bin histogram of the candidates leaves a handful to sort;
@@ -38,16 +38,20 @@ inline void insertion_sort(uint64_t* a, int64_t n) {
   }
 }
 
-// Calls f(offset, tokens, members) for every kLanes-token vector of every row, in ascending token order.
+// Calls f(offset, tokens, members) for every kLanes-token vector of the run that holds a context token, in
+// ascending token order. The run is flat, not per row, so a row narrower than a vector wastes no lanes.
 template <typename V, typename F>
 __attribute__((always_inline)) inline void for_each_vector(const SimdContext& c, F&& f) {
+  constexpr int L = V::kLanes;  // divides 64
   const typename V::vec iota = V::iota();
-  for (int64_t r = 0; r < c.num_rows; ++r) {
-    const uint64_t bits = c.row_bits[r];
-    for (int64_t w = 0; w < c.W && (bits >> w) != 0; w += V::kLanes) {
-      const int64_t off = r * c.W + w;
-      f(off, V::add(V::set1(static_cast<uint32_t>(c.first + off)), iota), V::lanes(bits >> w));
+  for (int64_t off = 0; off < c.n; off += L) {
+    const uint64_t word = c.bits[off >> 6];
+    if (word == 0) {  // a whole empty word: to the next one
+      off = (off | 63) + 1 - L;
+      continue;
     }
+    const auto members = V::lanes(word >> (off & 63));
+    if (members) f(off, V::add(V::set1(static_cast<uint32_t>(c.first + off)), iota), members);
   }
 }
 
@@ -100,7 +104,7 @@ bool truncate_context_vec(const SimdContext& c, int64_t keep, int64_t* out, uint
   using vec = typename V::vec;
   using mask = typename V::mask;
   int64_t count = 0;
-  for (int64_t r = 0; r < c.num_rows; ++r) count += __builtin_popcountll(c.row_bits[r]);
+  for (int64_t i = 0; i <= c.n >> 6; ++i) count += __builtin_popcountll(c.bits[i]);
   int64_t* const end = out + keep;  // a store may fill the row up to here; later stores overwrite the excess
   if (count == keep) {  // every context token stays
     for_each_vector<V>(c, [&](int64_t, vec tok, mask mem) { out += V::store_tokens(out, tok, mem, end - out); });
