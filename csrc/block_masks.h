@@ -81,9 +81,7 @@ void sample_layouts_cpu(const MaskSpec& s, int32_t* corners, int64_t* counts, in
 void write_masks_cpu(const MaskSpec& s, const int32_t* corners, int64_t keep, int64_t* context, int64_t* targets,
                      int num_threads);
 
-// The CPU sampler uses AVX-512 or AVX2 where the CPU has it, else a portable path; all give the same masks.
-// set_simd_enabled(false) forces the portable path (process-wide; not for use while sampling); finer control
-// is in block_masks_simd.h.
-void set_simd_enabled(bool on);
+// The CPU sampler uses AVX-512 or AVX2 where the CPU has it, else a portable path; all give the same masks
+// (block_masks_simd.h picks and caps the path).
 
 }  // namespace iwm_fast

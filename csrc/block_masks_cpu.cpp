@@ -66,7 +66,6 @@ int64_t covered(const Box& a, const Box* targets, int64_t j, int64_t n) {
 
 // Beyond this many targets the pruned inclusion-exclusion can blow up (2^n subsets when all overlap).
 constexpr int64_t kMaxInclusionExclusion = 10;
-constexpr int64_t kMaxTargetsOnStack = 64;
 
 // Tokens of context block cc not covered by any target: a token scan, for layouts with many targets.
 int64_t context_count_scan(const MaskSpec& s, const int32_t* corners, const int32_t* cc) {
@@ -218,8 +217,8 @@ void write_context_scalar(const MaskSpec& s, int64_t b, const int32_t* corners, 
 }
 
 // The vector paths: the context's rows as 64-bit membership words, then one bitset over their tokens, keys for
-// every token of those rows, then
-// the AVX-512 or AVX2 truncation; the portable path for wide grids or when the vector path declines.
+// every token of those rows, then the AVX-512 or AVX2 truncation; the portable path for wide grids or when the
+// vector path declines.
 void write_context(const MaskSpec& s, int64_t b, const int32_t* corners, int64_t c, int64_t keep, int64_t* out,
                    Scratch& sc, SimdLevel level) {
   if (level == kSimdNone || s.W > kSimdMaxWidth) return write_context_scalar(s, b, corners, c, keep, out, sc);

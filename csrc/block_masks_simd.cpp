@@ -6,8 +6,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "block_masks.h"
-
 namespace iwm_fast {
 
 namespace {
@@ -42,7 +40,6 @@ SimdLevel simd_level() {
 }
 
 void set_simd_max_level(SimdLevel level) { max_level.store(level); }
-void set_simd_enabled(bool on) { set_simd_max_level(on ? kSimdAvx512 : kSimdNone); }
 void set_simd_window_sigmas(double sigmas) { window_sigmas.store(sigmas); }
 double simd_window_sigmas() { return window_sigmas.load(std::memory_order_relaxed); }
 

@@ -71,8 +71,8 @@ def _cfg(block_a, block_b, warps, stages, names):
     return triton.Config({names[0]: block_a, names[1]: block_b}, num_warps=warps, num_stages=stages)
 
 
-# Config spaces by the head-dim tiles' total width (<= 64, <= 128, <= 256), as (rows of the program's own tile, rows
-# of the tile it streams over, num_warps, num_stages). Chosen from ptxas register/spill reports for sm_90:
+# Config spaces by the head-dim tiles' total width (<= 64, <= 128, <= 256), as (rows of the program's own tile,
+# rows of the tile it streams over, num_warps, num_stages). Chosen from ptxas register/spill reports for sm_90:
 # at BLOCK_D = 128 and 256 the 2/4-warp tiles spill, so those spaces use more warps per tile or smaller tiles.
 _FWD_SPACES = {
     64: [(32, 32, 2, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3),
