@@ -464,53 +464,6 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
 # ---------------------------------------------------------------------------------------------------------
 # Host functions: check inputs and launch
 # ---------------------------------------------------------------------------------------------------------
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def check_layout(q, k, v, key_lengths=None):
-    """Backend-independent checks of q, k, v ([B, H, N, D], one floating dtype, one device) and key_lengths."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must have layout [B, H, N, D] (4 dims), got shape {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"attention: {name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
-        raise ValueError("attention: q [B, H, Nq, D] and k/v [B, H, Nk, D] must agree on B, H and D, got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
-    if key_lengths is not None:
-        if not isinstance(key_lengths, torch.Tensor):
-            raise TypeError("attention: key_lengths must be an integer tensor of shape [B], "
-                            f"got {type(key_lengths).__name__}")
-        if key_lengths.dtype.is_floating_point or key_lengths.dtype.is_complex or key_lengths.dtype == torch.bool:
-            raise TypeError(f"attention: key_lengths must be an integer tensor, got {key_lengths.dtype}")
-        if key_lengths.shape != (q.shape[0],):
-            raise ValueError(f"attention: key_lengths must have shape [B]=({q.shape[0]},), "
-                             f"got {tuple(key_lengths.shape)}")
-        if key_lengths.device != q.device:
-            raise ValueError(f"attention: key_lengths is on {key_lengths.device} but q is on {q.device}")
-
-
-def check_inputs(q, k, v, key_lengths=None):
-    """Raise ValueError/TypeError naming the problem if q, k, v (and key_lengths) cannot go to the kernel."""
-    check_layout(q, k, v, key_lengths)
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"attention: the Triton kernel supports float16, bfloat16 and float32, got {q.dtype}")
-    d = q.shape[-1]
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"attention: head dim D={d} is not supported by the Triton kernel (1 <= D <= {MAX_HEAD_DIM})")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"attention: the Triton kernel needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 "
-                         "before importing triton to run it on the CPU, or use backend='sdpa'")
-
-
 def split_head_dim_enabled():
     return os.environ.get("IWM_FAST_ATTN_SPLIT_HEAD_DIM", "1") != "0"
 
@@ -561,7 +514,6 @@ def attention_forward(q, k, v, scale=None, key_lengths=None):
     The output is laid out as [B, Nq, H, D] in memory (a permuted view), so the usual
     ``out.transpose(1, 2).reshape(B, N, H * D)`` before the projection is free.
     """
-    check_inputs(q, k, v, key_lengths)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)

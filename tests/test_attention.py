@@ -237,7 +237,7 @@ def test_torch_compile_fullgraph_traces_the_op():
 
 
 def test_opcheck_schema_fake_and_autograd_registration():
-    from iwm_fast.kernels.attention_op import attention_fwd
+    from iwm_fast.ops.attention import attention_fwd
 
     q, k, v, _ = _inputs(1, 2, 9, 12, 24, F32, seed=8)
     args = (_leaf(q), _leaf(k), _leaf(v), 0.2, torch.tensor([7]))

@@ -41,9 +41,9 @@ def _worker(rank, world, init_file, result_dir):
         fully_shard(target, mesh=mesh)
         assert all(isinstance(p, DTensor) for p in target.parameters())
         online_full = [p.full_tensor() for p in online.parameters()]
-        for step, (interp, m) in enumerate([("1", 0.99), ("0", 0.9), ("1", torch.tensor(0.95))]):
-            os.environ["TRITON_INTERPRET"] = interp  # kernel, then the PyTorch path, then kernel + tensor m
-            ema_update_(target, online, m)
+        for step, (backend, m) in enumerate([("triton", 0.99), ("auto", 0.9), ("triton", torch.tensor(0.95))]):
+            # kernel, then the PyTorch path, then kernel + tensor m
+            ema_update_(target, online, m, backend=backend)
             for k, q in zip(ref, online_full):
                 k.mul_(m).add_((1 - m) * q)
         ok = all(torch.equal(p.full_tensor(), r) for p, r in zip(target.parameters(), ref))

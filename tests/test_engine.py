@@ -48,9 +48,9 @@ def test_fifty_steps_lower_the_loss_and_repeat(tmp_path):
 
 
 def _final_state(run_dir):
-    from iwm_fast.train.loop import build_model
+    from iwm_fast.models import build_iwm
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    model = build_model(cfg)
+    model = build_iwm(cfg)
     ckpt.load_checkpoint(ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints")), model)
     return model.state_dict()
 

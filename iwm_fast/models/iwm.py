@@ -31,8 +31,8 @@ class IWM(nn.Module):
         tgt = as_target_tensor(tgt_idx)
         B, M, Nt = tgt.shape
         if self.predictor.target_mode == "per_block":
-            return apply_masks(h, tgt.transpose(0, 1))  # [M, B, Nt]: block-major rows
-        return masked_gather(h, tgt.reshape(B, M * Nt))
+            return apply_masks(h, tgt.transpose(0, 1), backend=self.predictor.gather_backend)  # [M, B, Nt]: block-major rows
+        return masked_gather(h, tgt.reshape(B, M * Nt), backend=self.predictor.gather_backend)
 
     def predict(self, source_images, ctx_idx, tgt_idx, action=None):
         ctx_idx = as_context_tensor(ctx_idx)

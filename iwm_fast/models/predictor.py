@@ -30,6 +30,13 @@ PREDICTOR_PRESETS = {
 }
 
 
+def predictor_preset(name):
+    try:
+        return PREDICTOR_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown predictor preset {name!r}; choose one of {sorted(PREDICTOR_PRESETS)}") from None
+
+
 def as_target_tensor(targets):
     """Target positions as one [B, M, Nt] tensor; accepts I-JEPA's list of M [B, Nt] tensors too."""
     if isinstance(targets, (list, tuple)):
@@ -63,7 +70,7 @@ class IWMPredictor(nn.Module):
 
     def __init__(self, grid, embed_dim=768, predictor_embed_dim=384, depth=12, num_heads=12, mlp_ratio=4.0,
                  qkv_bias=True, conditioning="feature", action_dim=0, num_action_tokens=1,
-                 target_mode="union", init_std=0.02, attn_backend="auto"):
+                 target_mode="union", init_std=0.02, attn_backend="auto", gather_backend="auto"):
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {CONDITIONINGS}")
@@ -75,6 +82,7 @@ class IWMPredictor(nn.Module):
         self.conditioning = conditioning
         self.target_mode = target_mode
         self.action_dim = action_dim
+        self.gather_backend = gather_backend
         D = predictor_embed_dim
         self.predictor_embed = nn.Linear(embed_dim, D)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -143,15 +151,15 @@ class IWMPredictor(nn.Module):
         x = self.predictor_embed(ctx)
         pos = self.predictor_pos_embed[0].to(x.dtype)
         N, D = pos.shape
-        x = x + masked_gather(pos[None].expand(B, N, D), ctx_idx)
+        x = x + masked_gather(pos[None].expand(B, N, D), ctx_idx, backend=self.gather_backend)
         # Mask tokens: mask_token + pos[idx], built in one fused gather.
         base = self.mask_token.to(x.dtype).expand(B, N, D)
         if self.target_mode == "per_block":
-            tokens = apply_masks(base, tgt.transpose(0, 1), pos=pos)  # [M*B, Nt, D]
+            tokens = apply_masks(base, tgt.transpose(0, 1), pos=pos, backend=self.gather_backend)  # [M*B, Nt, D]
             x = x.repeat(M, 1, 1)
             action = action.repeat(M, 1) if action is not None else None
         else:
-            tokens = masked_gather(base, tgt.reshape(B, M * Nt), pos=pos)  # [B, M*Nt, D]
+            tokens = masked_gather(base, tgt.reshape(B, M * Nt), pos=pos, backend=self.gather_backend)  # [B, M*Nt, D]
         T = tokens.shape[1]
         if self.conditioning == "feature":
             a = action.to(tokens.dtype)[:, None, :].expand(-1, T, -1)

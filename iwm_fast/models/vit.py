@@ -44,7 +44,8 @@ class VisionTransformer(nn.Module):
     """Pre-norm ViT without class token. ``forward(x, masks)`` keeps only the tokens named by ``masks``."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, qkv_bias=True, init_std=0.02, attn_backend="auto", patch_init_std=None):
+                 mlp_ratio=4.0, qkv_bias=True, init_std=0.02, attn_backend="auto", patch_init_std=None,
+                 gather_backend="auto"):
         super().__init__()
         self.img_size = _pair(img_size)
         self.patch_size = int(patch_size)
@@ -57,6 +58,7 @@ class VisionTransformer(nn.Module):
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.num_heads = num_heads
+        self.gather_backend = gather_backend
         self.patch_embed = PatchEmbed(self.patch_size, in_chans, embed_dim)
         # A parameter (not a buffer) so that it sits in the state dict as in I-JEPA; it is never trained.
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid)[None], requires_grad=False)
@@ -103,7 +105,7 @@ class VisionTransformer(nn.Module):
             x = x + pos
         else:
             # Keep the visible tokens and add their positions in one fused gather.
-            x = apply_masks(x, masks, pos=pos)
+            x = apply_masks(x, masks, pos=pos, backend=self.gather_backend)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)

@@ -1,36 +1,131 @@
 """Functional attention with selectable backends (layout [B, H, N, D], as in SDPA). Non-causal.
 
 Backends:
-- ``"triton"``: iwm-fast's fused kernel (kernels/attention.py), registered as a torch.library op so
-  ``torch.compile(fullgraph=True)`` traces it. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+- ``"triton"``: iwm-fast's fused kernel (``iwm_fast.kernels.attention``), registered below as the torch.library
+  ops ``iwm_fast::attention_fwd`` / ``attention_bwd`` with fake implementations, so ``torch.compile(fullgraph=True)``
+  traces modules that use it (the backward is itself an op, so the compiled backward graph calls it too).
+  CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch picks its own kernel).
+- ``"eager"``: ``softmax(q k^T * scale) v`` with the score matrix materialised, as I-JEPA's own code does (the
+  benchmark's baseline; also a readable reference).
 - ``"flash_attn"`` / ``"xformers"``: the respective packages, when installed (no ``key_lengths``).
-- ``"auto"``: triton on CUDA (falling back to sdpa for inputs the kernel does not take: float64 or
-  D > 256, or when triton is missing), sdpa on the CPU.
+- ``"auto"``: triton on CUDA (sdpa for inputs the kernel does not take: float64 or D > 256, or without
+  triton), sdpa elsewhere (``iwm_fast.ops.dispatch``).
 
-``key_lengths`` ([B] integer tensor) makes keys at index >= key_lengths[b] invisible to every query of
-sample b; a sample with key length 0 gets a zero output and zero gradients on every backend.
+``key_lengths`` ([B] integer tensor, each in [0, Nk]) makes keys at index >= key_lengths[b] invisible to every
+query of sample b, whatever they hold (NaN included); a sample with key length 0 gets a zero output and zero
+gradients on every backend.
 """
 import importlib.util
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ..kernels.attention import check_layout
-from ..kernels.attention_op import triton_attention
+from .dispatch import check_backend, use_triton
 
-BACKENDS = ("auto", "triton", "sdpa", "flash_attn", "xformers")
+BACKENDS = ("auto", "triton", "sdpa", "eager", "flash_attn", "xformers")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
+# Looked up once: torch.compile(fullgraph=True) on torch 2.11 cannot trace find_spec inside the op.
+_HAS = {name: importlib.util.find_spec(name) is not None for name in ("flash_attn", "xformers")}
 
 
-def _triton_available():
-    return importlib.util.find_spec("triton") is not None
+# ---- validation ----------------------------------------------------------------------------------------
+
+def check_layout(q, k, v, key_lengths=None):
+    """Backend-independent checks of q, k, v ([B, H, N, D], one floating dtype, one device) and key_lengths."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must have layout [B, H, N, D] (4 dims), got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"attention: {name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError("attention: q [B, H, Nq, D] and k/v [B, H, Nk, D] must agree on B, H and D, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[3] == 0:
+        raise ValueError("attention: head dim D must be at least 1, got 0")
+    if key_lengths is not None:
+        if not isinstance(key_lengths, torch.Tensor):
+            raise TypeError("attention: key_lengths must be an integer tensor of shape [B], "
+                            f"got {type(key_lengths).__name__}")
+        if key_lengths.dtype.is_floating_point or key_lengths.dtype.is_complex or key_lengths.dtype == torch.bool:
+            raise TypeError(f"attention: key_lengths must be an integer tensor, got {key_lengths.dtype}")
+        if key_lengths.shape != (q.shape[0],):
+            raise ValueError(f"attention: key_lengths must have shape [B]=({q.shape[0]},), "
+                             f"got {tuple(key_lengths.shape)}")
+        if key_lengths.device != q.device:
+            raise ValueError(f"attention: key_lengths is on {key_lengths.device} but q is on {q.device}")
+        # A CPU tensor is checked for free; reading a CUDA one back would sync every call.
+        if key_lengths.device.type == "cpu" and key_lengths.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(key_lengths.min()), int(key_lengths.max())
+            if lo < 0 or hi > k.shape[2]:
+                raise ValueError(f"attention: key_lengths must lie in [0, Nk={k.shape[2]}], got {lo if lo < 0 else hi}")
 
 
 def _triton_takes(q):
     return q.dtype in _TRITON_DTYPES and q.shape[-1] <= _TRITON_MAX_HEAD_DIM
 
+
+# ---- the Triton kernel as custom ops -------------------------------------------------------------------
+
+@torch.library.custom_op("iwm_fast::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                  key_lengths: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    from ..kernels.attention import attention_forward  # imports triton: only when the kernel runs
+
+    return attention_forward(q, k, v, scale, key_lengths)
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, scale, key_lengths):
+    B, H, Nq, D = q.shape
+    # Same memory layout as the real kernel's output: [B, Nq, H, D] viewed as [B, H, Nq, D].
+    out = q.new_empty((B, Nq, H, D)).transpose(1, 2)
+    lse = q.new_empty((B, H, Nq), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("iwm_fast::attention_bwd", mutates_args=())
+def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                  key_lengths: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels.attention import attention_backward
+
+    return attention_backward(grad_out, q, k, v, out, lse, scale, key_lengths)
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale, key_lengths):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, key_lengths = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_lengths)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # The LSE is an internal by-product (never returned by the public API), so its gradient is ignored.
+    q, k, v, out, lse, key_lengths = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, key_lengths)
+    return dq, dk, dv, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- backends ------------------------------------------------------------------------------------------
 
 def _run_triton(q, k, v, scale, key_lengths):
     if q.dtype not in _TRITON_DTYPES:
@@ -38,26 +133,50 @@ def _run_triton(q, k, v, scale, key_lengths):
     if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
         raise ValueError(f"attention: backend='triton' supports head dims up to {_TRITON_MAX_HEAD_DIM}, "
                          f"got D={q.shape[-1]}; use backend='sdpa'")
-    if not _triton_available():
-        raise RuntimeError("attention: backend='triton' needs the triton package (pip install triton)")
-    return triton_attention(q, k, v, scale, key_lengths)
+    use_triton("attention", "triton", q.device)  # raises with the reason when the kernel cannot run here
+    out, _ = attention_fwd(q, k, v, float(scale), key_lengths)
+    return out
+
+
+def _visible_keys(q, k, key_lengths):
+    """([B, 1, 1, Nk] bool mask of visible keys, [B] bool has-any-key), or (None, None) without key_lengths."""
+    if key_lengths is None:
+        return None, None
+    kl = key_lengths.to(device=q.device, dtype=torch.long)
+    visible = torch.arange(k.shape[-2], device=q.device)[None, :] < kl[:, None]
+    return visible[:, None, None, :], kl > 0
+
+
+def _hide_keys(k, v, visible):
+    # Hidden keys must not reach the softmax's arithmetic at all: a NaN there (padding, a dropped token) would
+    # poison every row through 0 * NaN, which the Triton kernel never computes.
+    return k.masked_fill(~visible.transpose(-1, -2), 0), v.masked_fill(~visible.transpose(-1, -2), 0)
 
 
 def _run_sdpa(q, k, v, scale, key_lengths):
-    if key_lengths is None:
+    visible, has_keys = _visible_keys(q, k, key_lengths)
+    if visible is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    kl = key_lengths.to(device=q.device, dtype=torch.long)
-    has_keys = kl > 0
+    k, v = _hide_keys(k, v, visible)
     # A sample without keys would make SDPA's softmax 0/0 = NaN (and NaN gradients); let it attend to
     # everything instead and zero its output, which also zeroes its gradients.
-    visible = torch.arange(k.shape[-2], device=q.device)[None, :] < kl[:, None]
-    visible = visible | ~has_keys[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)
+    mask = visible | ~has_keys[:, None, None, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out * has_keys.to(out.dtype)[:, None, None, None]
 
 
+def _run_eager(q, k, v, scale, key_lengths):
+    visible, has_keys = _visible_keys(q, k, key_lengths)
+    if visible is None:
+        return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
+    k, v = _hide_keys(k, v, visible)
+    mask = visible | ~has_keys[:, None, None, None]
+    scores = ((q @ k.transpose(-2, -1)) * scale).masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v) * has_keys.to(q.dtype)[:, None, None, None]
+
+
 def _run_flash_attn(q, k, v, scale, key_lengths):
-    if importlib.util.find_spec("flash_attn") is None:
+    if not _HAS["flash_attn"]:
         raise RuntimeError("attention: backend='flash_attn' needs the flash-attn package (pip install flash-attn)")
     if key_lengths is not None:
         raise ValueError("attention: backend='flash_attn' does not take key_lengths; use 'triton' or 'sdpa'")
@@ -69,7 +188,7 @@ def _run_flash_attn(q, k, v, scale, key_lengths):
 
 
 def _run_xformers(q, k, v, scale, key_lengths):
-    if importlib.util.find_spec("xformers") is None:
+    if not _HAS["xformers"]:
         raise RuntimeError("attention: backend='xformers' needs the xformers package (pip install xformers)")
     if key_lengths is not None:
         raise ValueError("attention: backend='xformers' does not take key_lengths; use 'triton' or 'sdpa'")
@@ -79,17 +198,16 @@ def _run_xformers(q, k, v, scale, key_lengths):
     return out.transpose(1, 2)
 
 
-_RUNNERS = {"triton": _run_triton, "sdpa": _run_sdpa, "flash_attn": _run_flash_attn, "xformers": _run_xformers}
+_RUNNERS = {"triton": _run_triton, "sdpa": _run_sdpa, "eager": _run_eager, "flash_attn": _run_flash_attn,
+            "xformers": _run_xformers}
 
 
 def attention(q, k, v, *, scale=None, key_lengths=None, backend="auto"):
     """softmax(q @ k^T * scale) @ v over [B, H, N, D] tensors; ``scale`` defaults to D ** -0.5."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend("attention", backend, BACKENDS)
     check_layout(q, k, v, key_lengths)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "auto":
-        use_triton = q.device.type == "cuda" and _triton_takes(q) and _triton_available()
-        backend = "triton" if use_triton else "sdpa"
+        backend = "triton" if use_triton("attention", "auto", q.device, supported=_triton_takes(q)) else "sdpa"
     return _RUNNERS[backend](q, k, v, scale, key_lengths)

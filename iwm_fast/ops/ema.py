@@ -11,28 +11,25 @@ fp64 targets in the PyTorch path), rounded once to the target dtype. For fp32 pa
 I-JEPA's ``k.mul_(m).add_((1 - m) * q)``. ``1 - m`` is formed like PyTorch does: in double for a float
 momentum, in fp32 on the device for a tensor momentum.
 
-Dispatch: CUDA (and CPU under ``TRITON_INTERPRET=1``) runs ``iwm_fast.kernels.ema``: one launch per
+Dispatch (``iwm_fast.ops.dispatch``): ``auto`` on CUDA (or ``triton``, on the CPU under the interpreter) runs
+``iwm_fast.kernels.ema``: one launch per
 (target dtype, online dtype, alignment) group, i.e. one launch for a plain fp32 or bf16 model, whatever its
 parameter count. Other CPU runs use ``torch._foreach`` ops with the same formula. The update is registered
 as the custom op ``iwm_fast::ema_update_`` (mutating its targets) so ``torch.compile`` traces it.
 """
 import numbers
-import os
 from collections import OrderedDict
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .dispatch import check_backend, use_triton
+
 _TABLE_CACHE = OrderedDict()  # (device, dtypes, aligned, ((t_ptr, o_ptr, numel), ...)) -> device tables
 _TABLE_CACHE_SIZE = 16
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _use_triton(device):
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ("auto", "triton", "foreach", "loop")
 
 
 def _dtensor_type():
@@ -133,14 +130,14 @@ def _torch_update(pairs, m_tensor, m_value):
         t.copy_(t.to(acc) * m + o.to(acc) * omm)
 
 
-def _update(targets, onlines, momentum, momentum_value):
+def _update(targets, onlines, momentum, momentum_value, triton):
     pairs = [(t, o) for t, o in zip(targets, onlines) if t.numel() > 0]
     if not pairs:
         return
     device = pairs[0][0].device
     if any(t.device != device for t, _ in pairs):
         raise ValueError("ema_update_: all parameters must be on one device")
-    if not _use_triton(device):
+    if not triton:
         _torch_update(pairs, momentum, momentum_value)
         return
     from ..kernels import ema as ke  # imports triton; lazy so the CPU PyTorch path never needs it
@@ -161,24 +158,42 @@ def _update(targets, onlines, momentum, momentum_value):
 
 @torch.library.custom_op("iwm_fast::ema_update_", mutates_args=("targets",))
 def _ema_op(targets: list[Tensor], onlines: list[Tensor], momentum: Optional[Tensor],
-            momentum_value: float) -> None:
-    _update(targets, onlines, momentum, None if momentum is not None else momentum_value)
+            momentum_value: float, triton: bool) -> None:
+    _update(targets, onlines, momentum, None if momentum is not None else momentum_value, triton)
 
 
 @_ema_op.register_fake
-def _(targets, onlines, momentum, momentum_value):
+def _(targets, onlines, momentum, momentum_value, triton):
     return None
 
 
-def ema_update_(target, online, momentum):
-    """target <- m * target + (1 - m) * online, for modules or parameter lists (FSDP2 DTensors: local shards)."""
+def _reference_update(pairs, m_tensor, m_value, backend):
+    # What users write without our op: one multi-tensor lerp ("foreach"), or I-JEPA's per-parameter loop ("loop").
+    m = m_tensor if m_tensor is not None else m_value
+    if backend == "foreach":
+        torch._foreach_lerp_([t for t, _ in pairs], [o for _, o in pairs], 1.0 - m)
+        return
+    for t, o in pairs:
+        t.mul_(m).add_((1 - m) * o)
+
+
+def ema_update_(target, online, momentum, *, backend="auto"):
+    """target <- m * target + (1 - m) * online, for modules or parameter lists (FSDP2 DTensors: local shards).
+
+    ``backend``: ``auto`` (the fused kernel on CUDA, ``_foreach`` ops with the same formula elsewhere),
+    ``triton``, or the unfused references ``foreach`` (``torch._foreach_lerp_``) and ``loop`` (I-JEPA's)."""
+    check_backend("ema_update_", backend, BACKENDS)
     pairs = _pairs(target, online)
     if not pairs:
         return
     m_tensor, m_value = _momentum(momentum, pairs[0][0].device)
-    targets, onlines = [t for t, _ in pairs], [o for _, o in pairs]
     with torch.no_grad():
+        if backend in ("foreach", "loop"):
+            _reference_update(pairs, m_tensor, m_value, backend)
+            return
+        triton = use_triton("ema_update_", backend, pairs[0][0].device)
+        targets, onlines = [t for t, _ in pairs], [o for _, o in pairs]
         if torch.compiler.is_compiling():
-            _ema_op(targets, onlines, m_tensor, 0.0 if m_value is None else m_value)
+            _ema_op(targets, onlines, m_tensor, 0.0 if m_value is None else m_value, triton)
         else:  # eager: skip the dispatcher's boxing of hundreds of tensors
-            _update(targets, onlines, m_tensor, m_value)
+            _update(targets, onlines, m_tensor, m_value, triton)

@@ -19,8 +19,8 @@ Bad indices. ``IWM_FAST_INDEX_CHECK`` (or ``set_index_check``) picks how indices
     (it is free there).
   * ``"off"``: no check; an out-of-range index reads out of bounds.
 
-Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton interpreter when
-``TRITON_INTERPRET=1``, else a plain PyTorch path (deterministic ``index_add_``). Both ops are
+Dispatch (``iwm_fast.ops.dispatch``): ``backend="auto"`` runs the Triton kernels on CUDA and a plain PyTorch path
+(deterministic ``index_add_``) elsewhere; ``"triton"`` forces the kernels (on the CPU under the interpreter). Both ops are
 ``torch.library.custom_op``s with fake implementations and autograd, so ``torch.compile`` traces them.
 """
 import os
@@ -29,12 +29,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .dispatch import check_backend, use_triton
+
 _CHECK_MODES = ("host", "device", "off")
 _index_check = os.environ.get("IWM_FAST_INDEX_CHECK", "host")
 if _index_check not in _CHECK_MODES:
     raise ValueError(f"IWM_FAST_INDEX_CHECK must be one of {_CHECK_MODES}, got {_index_check!r}")
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+BACKENDS = ("auto", "triton", "torch", "ijepa")
 
 
 def set_index_check(mode):
@@ -47,14 +50,6 @@ def set_index_check(mode):
 
 def get_index_check():
     return _index_check
-
-
-def _use_triton(t):
-    if t.dtype not in _KERNEL_DTYPES:
-        return False
-    if t.is_cuda:
-        return True
-    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernels():
@@ -89,13 +84,13 @@ def _batch_rows(R, B, device):
 # ---- custom ops ------------------------------------------------------------------------------------
 
 @torch.library.custom_op("iwm_fast::masked_gather", mutates_args=())
-def _gather_op(x: Tensor, idx: Tensor, pos: Optional[Tensor]) -> Tensor:
+def _gather_op(x: Tensor, idx: Tensor, pos: Optional[Tensor], triton: bool) -> Tensor:
     B, N, D = x.shape
     mode = _check_mode(idx)
     if mode == "host":
         _host_check(idx, N)
     out_dtype = x.dtype if pos is None else torch.result_type(x, pos)
-    if _use_triton(x) and (pos is None or pos.dtype in _KERNEL_DTYPES):
+    if triton:
         return _kernels().gather_forward(x, idx, pos, out_dtype=out_dtype, check=mode == "device")
     R = idx.shape[0]
     rows = _batch_rows(R, B, x.device)
@@ -107,15 +102,16 @@ def _gather_op(x: Tensor, idx: Tensor, pos: Optional[Tensor]) -> Tensor:
 
 
 @_gather_op.register_fake
-def _(x, idx, pos):
+def _(x, idx, pos, triton):
     out_dtype = x.dtype if pos is None else torch.result_type(x, pos)
     return x.new_empty((idx.shape[0], idx.shape[1], x.shape[2]), dtype=out_dtype)
 
 
 @torch.library.custom_op("iwm_fast::masked_gather_scatter", mutates_args=())
-def _scatter_op(grad: Tensor, idx: Tensor, B: int, N: int, batched: bool, dtype: torch.dtype) -> Tensor:
+def _scatter_op(grad: Tensor, idx: Tensor, B: int, N: int, batched: bool, dtype: torch.dtype,
+                triton: bool) -> Tensor:
     """Sum of grad [R, K, D] rows into [B, N, D] (batched: rows r go to batch r % B) or [N, D]."""
-    if _use_triton(grad) and dtype in _KERNEL_DTYPES:
+    if triton and dtype in _KERNEL_DTYPES:
         return _kernels().scatter_add_rows(grad, idx, B, N, batched, dtype)
     R, K, D = grad.shape
     key = idx.long()
@@ -129,14 +125,15 @@ def _scatter_op(grad: Tensor, idx: Tensor, B: int, N: int, batched: bool, dtype:
 
 
 @_scatter_op.register_fake
-def _(grad, idx, B, N, batched, dtype):
+def _(grad, idx, B, N, batched, dtype, triton):
     D = grad.shape[2]
     return grad.new_empty((B, N, D) if batched else (N, D), dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    x, idx, pos = inputs
+    x, idx, pos, triton = inputs
     ctx.save_for_backward(idx)
+    ctx.triton = triton
     ctx.B, ctx.N = x.shape[0], x.shape[1]
     ctx.x_dtype = x.dtype
     ctx.pos_batched = pos is not None and pos.shape[0] != 1
@@ -145,18 +142,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (idx,) = ctx.saved_tensors
-    need_x, _, need_pos = ctx.needs_input_grad
+    need_x, _, need_pos, _ = ctx.needs_input_grad
     gx = gpos = None
     if need_x:
-        gx = _scatter_op(grad, idx, ctx.B, ctx.N, True, ctx.x_dtype)
+        gx = _scatter_op(grad, idx, ctx.B, ctx.N, True, ctx.x_dtype, ctx.triton)
     if need_pos:
         if ctx.pos_batched and gx is not None and ctx.pos_dtype == ctx.x_dtype:
             gpos = gx.clone()  # identical sums; two outputs must not alias
         else:
-            gpos = _scatter_op(grad, idx, ctx.B, ctx.N, ctx.pos_batched, ctx.pos_dtype)
+            gpos = _scatter_op(grad, idx, ctx.B, ctx.N, ctx.pos_batched, ctx.pos_dtype, ctx.triton)
             if not ctx.pos_batched:
                 gpos = gpos[None]
-    return gx, None, gpos
+    return gx, None, gpos, None
 
 
 _gather_op.register_autograd(_backward, setup_context=_setup_context)
@@ -192,19 +189,46 @@ def _check_inputs(x, idx, pos, name):
     return pos
 
 
-def masked_gather(x, idx, pos=None):
-    """out[b, k] = x[b, idx[b, k]] (+ pos[idx[b, k]]). x: [B, N, D], idx: [B, K] -> [B, K, D]."""
+def _run(x, idx, pos, backend, name):
+    """[R, K, D] rows gathered by backend; idx [R, K] with R a multiple of x's batch (row r reads batch r % B)."""
+    if backend in ("torch", "ijepa"):
+        return _reference_gather(x, idx, pos, backend)
+    triton = use_triton(name, backend, x.device,
+                        supported=x.dtype in _KERNEL_DTYPES and (pos is None or pos.dtype in _KERNEL_DTYPES))
+    return _gather_op(x, idx, pos, triton)
+
+
+def _reference_gather(x, idx, pos, backend):
+    # What users write without our op: torch.gather on an expanded index ("torch"), or I-JEPA's index repeated
+    # over D ("ijepa"); both let autograd's scatter-add make the gradient.
+    B, N, D = x.shape
+    if pos is not None:  # positions added to all N tokens first, as I-JEPA's encoder and predictor do
+        x = x + pos.to(torch.result_type(x, pos))
+    R = idx.shape[0]
+    src = x.repeat(R // B, 1, 1) if R != B else x
+    index = idx.long().unsqueeze(-1)
+    index = index.repeat(1, 1, D) if backend == "ijepa" else index.expand(-1, -1, D)
+    return torch.gather(src, 1, index)
+
+
+def masked_gather(x, idx, pos=None, *, backend="auto"):
+    """out[b, k] = x[b, idx[b, k]] (+ pos[idx[b, k]]). x: [B, N, D], idx: [B, K] -> [B, K, D].
+
+    ``backend``: ``auto`` (the Triton kernel on CUDA, PyTorch elsewhere), ``triton``, ``torch`` or ``ijepa``
+    (the unfused references, see ``iwm_fast.backends``)."""
+    check_backend("masked_gather", backend, BACKENDS)
     pos = _check_inputs(x, idx, pos, "masked_gather")
     if idx.shape[0] != x.shape[0]:
         raise ValueError(f"masked_gather: indices have batch {idx.shape[0]} but x has batch {x.shape[0]}")
-    return _gather_op(x, idx, pos)
+    return _run(x, idx, pos, backend, "masked_gather")
 
 
-def apply_masks(x, masks, pos=None):
+def apply_masks(x, masks, pos=None, *, backend="auto"):
     """I-JEPA's helper: gather each [B, K] mask and concatenate the results along the batch dimension."""
+    check_backend("apply_masks", backend, BACKENDS)
     if torch.is_tensor(masks):
         if masks.dim() == 2:
-            return masked_gather(x, masks, pos)
+            return masked_gather(x, masks, pos, backend=backend)
         if masks.dim() != 3:
             raise ValueError(f"apply_masks: masks must be [B, K], [M, B, K] or a list of [B, K], "
                              f"got a tensor of shape {tuple(masks.shape)}")
@@ -225,11 +249,11 @@ def apply_masks(x, masks, pos=None):
         if len(dtypes) != 1:
             raise TypeError(f"apply_masks: masks must share one dtype, got {sorted(map(str, dtypes))}")
         if len(masks) == 1:
-            return masked_gather(x, masks[0], pos)
+            return masked_gather(x, masks[0], pos, backend=backend)
         stacked = torch.stack(masks)
     M, B, K = stacked.shape
     if B != x.shape[0]:
         raise ValueError(f"apply_masks: masks have batch {B} but x has batch {x.shape[0]}")
     idx = stacked.reshape(M * B, K)
     pos = _check_inputs(x, idx, pos, "apply_masks")
-    return _gather_op(x, idx, pos)
+    return _run(x, idx, pos, backend, "apply_masks")

@@ -22,11 +22,13 @@ class ModelConfig:
 
 @dataclass
 class PredictorConfig:
-    depth: int = 18
-    width: int = 384
+    preset: str = "iwm-equi"      # iwm-equi (18x384), iwm-inv (12x384), ijepa (12x384, unconditioned, per block);
+    # the fields below replace the preset's value where set (0 or ""); preset "" needs them all
+    depth: int = 0
+    width: int = 0
     num_heads: int = 0            # 0: the encoder's head count, as in I-JEPA
-    conditioning: str = "feature"  # feature (IWM default), sequence, none (I-JEPA)
-    target_mode: str = "union"    # union (IWM) or per_block (I-JEPA)
+    conditioning: str = ""        # feature (IWM default), sequence, none (I-JEPA)
+    target_mode: str = ""         # union (IWM) or per_block (I-JEPA)
 
 
 @dataclass

@@ -5,6 +5,7 @@ import os
 import torch
 
 from ..eval.evaluate import evaluate
+from ..models import build_iwm
 from ..eval.report import format_summary, plot_loss_curve, write_eval
 from .config import load_config
 
@@ -54,15 +55,13 @@ def _load_latest_state(run_dir, model):
 
 def evaluate_run(run_dir, *, cfg=None, model_state=None, overrides=()):
     """Probe accuracy (trained vs random encoder) and world-model MRR; writes ``eval.json`` and the loss plot."""
-    from .loop import build_model
-
     if cfg is None:
         path = os.path.join(run_dir, "config.yaml")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
         cfg = load_config(path, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    model = build_model(cfg)
+    model = build_iwm(cfg)
     if model_state is not None:
         model.load_state_dict(model_state)
         step = cfg.train.steps

@@ -7,14 +7,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..models import IWM, IWMPredictor, build_vit
+from ..models import build_iwm
 from ..ops.gather import set_index_check
-from ..transforms import ACTION_DIM
 from . import checkpoint as ckpt
-from .config import load_config, save_config, to_dict
+from .config import save_config
 from .data import BatchStream, rows_in_step
 from .metrics import MetricsLogger, ProgressBar, peak_flops, step_flops
 from .parallel import parallelize, resolve_precision
+from .resume import check_resumable
 from .schedules import schedules_at
 from .step import build_optimizer, make_inputs, train_step
 
@@ -47,46 +47,6 @@ def init_distributed(device_pref="auto"):
     return rank, world, device
 
 
-def build_model(cfg):
-    """The IWM model from the config, initialised from ``train.seed`` (identically on every rank)."""
-    torch.manual_seed(cfg.train.seed)
-    size = cfg.data.image_size
-    extra = {"depth": cfg.model.depth} if cfg.model.depth else {}
-    if cfg.model.patch_init_std:
-        extra["patch_init_std"] = cfg.model.patch_init_std
-    encoder = build_vit(cfg.model.size, img_size=size, patch_size=cfg.model.patch_size,
-                        attn_backend=cfg.model.attn_backend, **extra)
-    p = cfg.predictor
-    predictor = IWMPredictor(encoder.grid, encoder.embed_dim, p.width, depth=p.depth,
-                             num_heads=p.num_heads or encoder.num_heads, conditioning=p.conditioning,
-                             action_dim=ACTION_DIM if p.conditioning != "none" else 0,
-                             target_mode=p.target_mode, attn_backend=cfg.model.attn_backend)
-    return IWM(encoder, predictor, loss=cfg.train.loss)
-
-
-# Sections whose change makes a checkpoint unusable (shapes) or its continuation a different run.
-RESUME_KEYS = ("model", "predictor", "data", "masks", "augment", "train.seed", "train.batch_size", "train.loss")
-
-
-def check_resumable(cfg, run_dir):
-    """A run directory with checkpoints resumes only under the same model, data and recipe."""
-    saved_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(saved_path):
-        return
-    saved, now = to_dict(load_config(saved_path)), to_dict(cfg)
-    diffs = []
-    for key in RESUME_KEYS:
-        section, _, field = key.partition(".")
-        a, b = saved[section], now[section]
-        if field:
-            a, b = a[field], b[field]
-        if a != b:
-            diffs.append(f"{key}: {a!r} in the run, {b!r} now")
-    if diffs:
-        raise ValueError(f"{run_dir} holds checkpoints of a different run ({'; '.join(diffs)}); "
-                         "resume with the same config, or pick another train.out_dir")
-
-
 def _check_batching(cfg, world):
     t = cfg.train
     if t.batch_size % (world * t.accum_steps):
@@ -117,7 +77,7 @@ def train(cfg, *, loss_hook=None, max_steps=None):
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
-    model = build_model(cfg).to(device)
+    model = build_iwm(cfg).to(device)
     grid = model.encoder.grid
     model = parallelize(model, device=device, world_size=world, precision=precision, compile_blocks=t.compile,
                         activation_checkpointing=t.activation_checkpointing)
@@ -175,7 +135,7 @@ def train(cfg, *, loss_hook=None, max_steps=None):
             if peak is not None:
                 _, M, Nt = micro_batches[0].tgt_idx.shape
                 Nc = micro_batches[0].ctx_idx.shape[1]
-                if cfg.predictor.target_mode == "per_block":  # one sequence per (sample, block)
+                if model.predictor.target_mode == "per_block":  # one sequence per (sample, block)
                     flops = step_flops(model, n_images, Nc, n_images * M, Nc + Nt)
                 else:
                     flops = step_flops(model, n_images, Nc, n_images, Nc + M * Nt)

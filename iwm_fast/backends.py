@@ -1,0 +1,35 @@
+"""Which implementation of each swappable piece a model and its training step use.
+
+One ``Backends`` value is passed down: to the model factory (attention and gather, kept by the layers, the
+way ``attn_backend`` always was) and to the training step (EMA and mask sampler). The end-to-end benchmark's
+configurations are only different ``Backends`` values, so nothing is rebound at run time.
+"""
+import dataclasses
+
+ATTENTION = ("auto", "triton", "sdpa", "eager", "flash_attn", "xformers")
+GATHER = ("auto", "triton", "torch", "ijepa")
+EMA = ("auto", "triton", "foreach", "loop")
+MASKS = ("device", "ijepa_cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backends:
+    """``attention``: ``iwm_fast.ops.attention``'s backend (``eager`` = I-JEPA's softmax with the score matrix
+    materialised). ``gather``: ``iwm_fast.ops.masked_gather``'s (``torch`` = ``torch.gather`` on an expanded
+    index, ``ijepa`` = I-JEPA's repeated index and ``cat``). ``ema``: ``iwm_fast.ops.ema_update_``'s
+    (``foreach`` = ``torch._foreach_lerp_``, ``loop`` = I-JEPA's per-parameter loop). ``masks``: ``device`` =
+    our sampler on the training device, ``ijepa_cpu`` = I-JEPA's per-sample algorithm on the CPU, copied over.
+    ``auto`` = the fused Triton kernel on CUDA and a PyTorch path elsewhere."""
+    attention: str = "auto"
+    gather: str = "auto"
+    ema: str = "auto"
+    masks: str = "device"
+
+    def __post_init__(self):
+        for field, allowed in (("attention", ATTENTION), ("gather", GATHER), ("ema", EMA), ("masks", MASKS)):
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"Backends.{field}={value!r} is not one of {', '.join(allowed)}")
+
+
+FUSED = Backends()
