@@ -58,9 +58,10 @@ setup(
         "pillow>=9",
         "matplotlib>=3.6",
         "tensorboard>=2.12",
+        "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=7", "ninja"],
+        "dev": ["pytest>=7", "ninja", "ruff>=0.5", "pre-commit>=3"],
         "flash": ["flash-attn>=2.5"],
         "xformers": ["xformers>=0.0.25"],
     },

@@ -9,7 +9,7 @@ import dataclasses
 ATTENTION = ("auto", "triton", "sdpa", "eager", "flash_attn", "xformers")
 GATHER = ("auto", "triton", "torch", "ijepa")
 EMA = ("auto", "triton", "foreach", "loop")
-MASKS = ("device", "ijepa_cpu")
+MASKS = ("host", "device", "ijepa_cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,13 +17,15 @@ class Backends:
     """``attention``: ``iwm_fast.ops.attention``'s backend (``eager`` = I-JEPA's softmax with the score matrix
     materialised). ``gather``: ``iwm_fast.ops.masked_gather``'s (``torch`` = ``torch.gather`` on an expanded
     index, ``ijepa`` = I-JEPA's repeated index and ``cat``). ``ema``: ``iwm_fast.ops.ema_update_``'s
-    (``foreach`` = ``torch._foreach_lerp_``, ``loop`` = I-JEPA's per-parameter loop). ``masks``: ``device`` =
-    our sampler on the training device, ``ijepa_cpu`` = I-JEPA's per-sample algorithm on the CPU, copied over.
+    (``foreach`` = ``torch._foreach_lerp_``, ``loop`` = I-JEPA's per-parameter loop). ``masks``: ``host`` = our
+    C++ sampler on the CPU, copied asynchronously (no host sync: the default), ``device`` = its CUDA kernels on
+    the training device (the batch's token counts are read back, one host sync per step), ``ijepa_cpu`` =
+    I-JEPA's per-sample algorithm on the CPU.
     ``auto`` = the fused Triton kernel on CUDA and a PyTorch path elsewhere."""
     attention: str = "auto"
     gather: str = "auto"
     ema: str = "auto"
-    masks: str = "device"
+    masks: str = "host"
 
     def __post_init__(self):
         for field, allowed in (("attention", ATTENTION), ("gather", GATHER), ("ema", EMA), ("masks", MASKS)):

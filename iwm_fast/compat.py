@@ -8,7 +8,7 @@ import torch
 
 from . import ops
 
-__all__ = ["apply_masks", "ema_update_model", "MultiBlockMaskCollator"]
+__all__ = ["apply_masks", "ema_update_model", "MultiBlockMaskCollator"]  # noqa: F822 (lazy, __getattr__)
 
 
 def _mask_list(masks):

@@ -1,5 +1,5 @@
 """CPU smoke tests of the benchmark suite: the runner's files, its handling of missing or failing benchmarks,
-the baselines' numerics against independent references, and the implementation switch."""
+and the end-to-end configurations as Backends values of the engine's own step."""
 import csv
 import os
 import sys
@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from iwm_fast.bench import baselines, e2e, harness
+from iwm_fast.bench import e2e, harness
 from iwm_fast.bench import run as bench_run
 
 
@@ -21,8 +21,8 @@ def _read_csv(path):
 @pytest.fixture
 def tiny_e2e(monkeypatch):
     """The e2e benchmark cut to one tiny case and one step per phase, so the whole runner takes seconds."""
-    monkeypatch.setattr(e2e, "CPU_CASES", [e2e.Case("vit_tiny8", "", 8, "iwm-equi", 2, img=96)])
-    monkeypatch.setattr(e2e, "budget", lambda device, quick: e2e.Budget(warmup=1, steps=1, breakdown=1,
+    monkeypatch.setattr(e2e, "CPU_CASES", [e2e.Case("vit_tiny8", "tiny", 8, "iwm-equi", 2, img=96, tiny=True)])
+    monkeypatch.setattr(e2e, "budget", lambda device, quick: e2e.Budget(warmup=1, windows=1, window=1, breakdown=1,
                                                                         seconds=120.0))
 
 
@@ -41,7 +41,7 @@ def test_runner_writes_csv_summary_and_plots(tmp_path, tiny_e2e):
     assert cols == harness.COLUMNS
     e2e_rows = [r for r in rows if r["kernel"] == "e2e"]
     configs = {r["provider"] for r in e2e_rows}
-    assert configs == set(baselines.IMPLEMENTATIONS)
+    assert configs == set(e2e.CONFIGS)
     for r in rows:
         med, p20, p80 = float(r["median"]), float(r["p20"]), float(r["p80"])
         assert r["gpu"] == "cpu" and r["torch"] == torch.__version__ and r["date"] and r["commit"]
@@ -105,58 +105,14 @@ def test_file_names_carry_date_and_gpu(name, tag):
     assert bench_run.file_stem(meta, "cuda", False) == f"2026-11-29_{tag}"
 
 
-# ---- baselines against independent references ----------------------------------------------------------
+# ---- the configurations are Backends values of the engine's own step -----------------------------------
 
 
-@pytest.mark.parametrize("N,D", [(197, 24), (33, 80)])
-def test_naive_attention_matches_float64_softmax(N, D):
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, N, D, generator=g, dtype=torch.float64) for _ in range(3))
-    scale = D ** -0.5
-    ref = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) * scale, -1), v)
-    torch.testing.assert_close(baselines.naive_attention(q, k, v, scale), ref)
-    out32 = baselines.naive_attention(q.float(), k.float(), v.float(), scale)
-    assert (out32.double() - ref).abs().max() < 1e-5
+def test_ijepa_loop_masks_follow_the_collator_rules():
+    from iwm_fast.masks.ijepa_loop import ijepa_loop_masks
 
-
-def _loop_gather(x, idx, pos=None):
-    out = torch.empty(idx.shape[0], idx.shape[1], x.shape[-1], dtype=x.dtype)
-    for r in range(idx.shape[0]):
-        for j in range(idx.shape[1]):
-            out[r, j] = x[r % x.shape[0], idx[r, j]] + (0 if pos is None else pos[idx[r, j]])
-    return out
-
-
-@pytest.mark.parametrize("fn", [baselines.gather_cat_apply_masks, baselines.torch_gather_apply_masks])
-def test_baseline_gathers_match_a_loop(fn):
-    g = torch.Generator().manual_seed(1)
-    B, N, D, K = 3, 13, 5, 4
-    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
-    pos = torch.randn(N, D, generator=g, dtype=torch.float64)
-    masks = [torch.randint(0, N, (B, K), generator=g) for _ in range(3)]
-    stacked = torch.cat(masks, 0)
-    torch.testing.assert_close(fn(x, masks), _loop_gather(x, stacked))
-    torch.testing.assert_close(fn(x, masks, pos), _loop_gather(x, stacked, pos))
-    token = torch.randn(1, 1, D, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(fn(token.expand(B, N, D), masks[0], pos),
-                               _loop_gather(token.expand(B, N, D).contiguous(), masks[0], pos))
-
-
-def test_baseline_emas_match_the_formula():
-    g = torch.Generator().manual_seed(2)
-    online = [torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
-    m = 0.996
-    for fn in (baselines.ema_loop_, baselines.ema_foreach_):
-        target = [torch.randn_like(p) for p in online]
-        want = [m * t + (1 - m) * o for t, o in zip(target, online)]
-        fn(target, online, m)
-        for t, w in zip(target, want):
-            torch.testing.assert_close(t, w)
-
-
-def test_fallback_ijepa_masks_follow_the_collator_rules():
     H = W = 14
-    ctx, tgt = baselines.ijepa_masks_cpu_fallback(8, (H, W), seed=3, step=5)
+    ctx, tgt = ijepa_loop_masks(8, (H, W), seed=3, step=5)
     B, M, Nt = tgt.shape
     assert (B, M) == (8, 4) and ctx.shape[0] == 8 and ctx.dtype == tgt.dtype == torch.int64
     assert Nt > 10 and ctx.shape[1] > 10
@@ -164,44 +120,58 @@ def test_fallback_ijepa_masks_follow_the_collator_rules():
         assert torch.all(ctx[b][1:] > ctx[b][:-1])  # ascending, no duplicates
         assert not set(ctx[b].tolist()) & set(tgt[b].flatten().tolist())  # context avoids the targets
         assert 0 <= int(tgt[b].min()) and int(tgt[b].max()) < H * W
-    again = baselines.ijepa_masks_cpu_fallback(8, (H, W), seed=3, step=5)
+    again = ijepa_loop_masks(8, (H, W), seed=3, step=5)
     assert torch.equal(again[0], ctx) and torch.equal(again[1], tgt)
 
 
 @pytest.mark.parametrize("mode", ["iwm-equi", "ijepa"])
-def test_every_implementation_gives_the_same_loss_and_restores_the_model(mode):
-    case = e2e.Case("vit_tiny8", "", 8, mode, 2, img=96)
-    model = e2e.build(case, "cpu").double()
+def test_every_configuration_gives_the_same_loss(mode):
+    """(a)-(d) differ only in Backends: the same model (same seed) gives the same loss under each."""
+    from iwm_fast.masks.ijepa_loop import ijepa_loop_masks
+    from iwm_fast.models import build_iwm
+    from iwm_fast.transforms import ACTION_DIM
+
+    case = e2e.Case("vit_tiny8", "tiny", 8, mode, 2, img=96, tiny=True)
     g = torch.Generator().manual_seed(4)
     src, tgt_img = (torch.randn(2, 3, 96, 96, generator=g, dtype=torch.float64) for _ in range(2))
-    ctx, tgt = baselines.ijepa_masks_cpu(2, model.encoder.grid, seed=0, step=0)
-    from iwm_fast.transforms import ACTION_DIM
     action = torch.randn(2, ACTION_DIM, generator=g, dtype=torch.float64)
-    ref = model(src, tgt_img, ctx, tgt, action)
-    backends = [m.backend for m in model.modules() if hasattr(m, "backend")]
-    import iwm_fast.models.vit as vit_mod
-    fused_apply = vit_mod.apply_masks
-    for impl in baselines.IMPLEMENTATIONS.values():
-        if impl.attention == "triton":  # the Triton kernel takes no float64; its own tests cover it
-            impl = baselines.Implementation(impl.name, impl.label, "sdpa", impl.gather, impl.ema, impl.masks)
-        with baselines.use_implementation(model, impl):
-            torch.testing.assert_close(model(src, tgt_img, ctx, tgt, action), ref)
-    assert [m.backend for m in model.modules() if hasattr(m, "backend")] == backends
-    assert vit_mod.apply_masks is fused_apply
+    ref = None
+    for name, config in e2e.CONFIGS.items():
+        cfg = e2e.case_config(case, config)
+        model = build_iwm(cfg, config.backends).double()
+        ctx, tgt = ijepa_loop_masks(2, model.encoder.grid, seed=0, step=0, min_keep=4)
+        loss = model(src, tgt_img, ctx, tgt, action)
+        ref = loss if ref is None else ref
+        torch.testing.assert_close(loss, ref, msg=name)
 
 
-def test_naive_backend_is_really_used(monkeypatch):
+def test_eager_attention_backend_is_really_used(monkeypatch):
+    from iwm_fast.models import build_iwm
+    from iwm_fast.ops import attention as attn_ops
+
     calls = []
-    real = baselines.naive_attention
-    monkeypatch.setattr(baselines, "naive_attention", lambda *a: calls.append(1) or real(*a))
-    model = e2e.build(e2e.Case("vit_tiny8", "", 8, "ijepa", 2, img=96), "cpu")
-    x = torch.randn(2, 3, 96, 96)
-    with baselines.use_implementation(model, baselines.IMPLEMENTATIONS["a_ijepa_eager"]):
-        model.encoder(x)
+    real = attn_ops._run_eager
+    monkeypatch.setitem(attn_ops._RUNNERS, "eager", lambda *a: calls.append(1) or real(*a))
+    config = e2e.CONFIGS["a_ijepa_eager"]
+    model = build_iwm(e2e.case_config(e2e.Case("vit_tiny8", "tiny", 8, "ijepa", 2, img=96, tiny=True), config),
+                      config.backends)
+    model.encoder(torch.randn(2, 3, 96, 96))
     assert len(calls) == len(model.encoder.blocks)
-    calls.clear()
-    model.encoder(x)
-    assert not calls  # restored on exit
+
+
+def test_e2e_times_the_engines_step(monkeypatch):
+    """The benchmark's step is iwm_fast.train.step.train_step on the model build_training makes."""
+    from iwm_fast.train import build, step
+
+    seen = {}
+    real_step, real_build = step.train_step, build.build_training
+    monkeypatch.setattr(step, "train_step", lambda *a, **k: seen.setdefault("step", True) and real_step(*a, **k))
+    monkeypatch.setattr(build, "build_training",
+                        lambda *a, **k: seen.setdefault("build", True) and real_build(*a, **k))
+    case = e2e.Case("vit_tiny8", "tiny", 8, "iwm-equi", 2, img=96, tiny=True)
+    m = e2e.measure(case, e2e.CONFIGS["c_iwm_fast"], "cpu", e2e.Budget(1, 1, 1, 1, 60.0))
+    assert seen == {"step": True, "build": True}
+    assert m["loss"] == m["loss"] and set(m["phases"]) == set(e2e.PHASES)
 
 
 def test_attention_bench_times_the_head_dim_split_against_the_padded_tile(monkeypatch):

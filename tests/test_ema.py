@@ -150,3 +150,11 @@ def test_torch_compile_no_recompile_on_momentum(path):
         ijepa_loop(ref, os_, m)
     assert len(frames) == 1, "a changing momentum tensor must not recompile"
     assert all(torch.equal(a, b) for a, b in zip(ts, ref))
+
+
+@pytest.mark.parametrize("m", [float("nan"), 1.5, -1.0, float("inf")])
+def test_momentum_out_of_range_is_refused(m):
+    t, o = [torch.zeros(3)], [torch.ones(3)]
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
+        ema_update_(t, o, m)
+    assert torch.equal(t[0], torch.zeros(3))

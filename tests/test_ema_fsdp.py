@@ -41,7 +41,7 @@ def _worker(rank, world, init_file, result_dir):
         fully_shard(target, mesh=mesh)
         assert all(isinstance(p, DTensor) for p in target.parameters())
         online_full = [p.full_tensor() for p in online.parameters()]
-        for step, (backend, m) in enumerate([("triton", 0.99), ("auto", 0.9), ("triton", torch.tensor(0.95))]):
+        for backend, m in [("triton", 0.99), ("auto", 0.9), ("triton", torch.tensor(0.95))]:
             # kernel, then the PyTorch path, then kernel + tensor m
             ema_update_(target, online, m, backend=backend)
             for k, q in zip(ref, online_full):

@@ -9,7 +9,8 @@ import torch
 
 from iwm_fast.train import checkpoint as ckpt
 from iwm_fast.train.config import load_config
-from iwm_fast.train.loop import NonFiniteLossError, train
+from iwm_fast.train.guard import NonFiniteLossError
+from iwm_fast.train.loop import train
 
 # ViT-tiny on 24-pixel digits with patch 4: a 6x6 grid, small enough for many CPU steps.
 TINY = ["model.size=tiny", "model.depth=0", "model.patch_size=4", "data.image_size=24", "data.num_workers=0",
@@ -97,7 +98,7 @@ def test_nan_guard_skips_then_stops(tmp_path):
     run = train(tiny_cfg(tmp_path / "one", "train.steps=4", "train.checkpoint_every=2"), loss_hook=nan_at({1}))
     with open(os.path.join(run, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert [r["skipped"] for r in rows] == ["0", "1", "0", "0"]
+    assert [r["nonfinite"] for r in rows] == ["0", "1", "0", "0"]
     assert ckpt.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("step_00000004")
 
     stop = tmp_path / "stop"

@@ -119,7 +119,8 @@ def test_apply_masks_matches_ijepa(path, M, monkeypatch):
     ref = ijepa_apply_masks(x, masks)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(apply_masks(x, torch.stack(masks), backend=path), ref, rtol=0, atol=0)
-    torch.testing.assert_close(apply_masks(x, masks, pos=pos, backend=path), ijepa_apply_masks(x + pos, masks), rtol=0, atol=0)
+    torch.testing.assert_close(apply_masks(x, masks, pos=pos, backend=path), ijepa_apply_masks(x + pos, masks),
+                               rtol=0, atol=0)
     grad = torch.randint(-8, 8, out.shape, generator=g).float()
     (gx,) = torch.autograd.grad(out, x, grad)
     (rx,) = torch.autograd.grad(ref, x, grad)
@@ -127,7 +128,7 @@ def test_apply_masks_matches_ijepa(path, M, monkeypatch):
 
 
 def test_gradcheck_float64(path):
-    B, N, D, K = 2, 5, 3, 4
+    B, N, D = 2, 5, 3
     x = torch.randn(B, N, D, dtype=torch.float64, requires_grad=True)
     pos = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
     idx = torch.tensor([[0, 4, 4, 2], [1, 1, 3, 0]])

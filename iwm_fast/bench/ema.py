@@ -51,10 +51,11 @@ def run(device, quick):
             dst = torch.empty_like(src)
             copy_gbs = harness.rate(bytes_moved, harness.time_warm_ms(lambda: dst.copy_(src), device), 1e9)
             rows.append(harness.row("ema", "copy", shape, dtype, "GB/s", copy_gbs, meta))
-            del src, dst
+            src = dst = None  # freed before the EMA tensors are timed
 
             m_tensor = torch.tensor(m, device=dev)
 
+            # Written out, not through ema_update_(backend="loop"): the baselines must not pay our input checks.
             def ijepa_loop():
                 for q, k in zip(onlines, targets):
                     k.mul_(m).add_((1 - m) * q.detach())
@@ -78,7 +79,7 @@ def run(device, quick):
                     # speedup of iwm_fast over the baseline; p20/p80 pair the fast quantiles together
                     sp = tuple(b / a for a, b in zip(times["iwm_fast"], times[base]))
                     rows.append(harness.row("ema", "iwm_fast", shape, dtype, f"speedup_vs_{base}", sp, meta))
-            del targets, onlines
+            targets = onlines = None  # freed before the next set is allocated
     return rows
 
 

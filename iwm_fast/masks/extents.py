@@ -5,7 +5,8 @@ Python and C++ samplers agree bit for bit.
 """
 import functools
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Sequence
 
 import torch
 

@@ -31,7 +31,8 @@ class IWM(nn.Module):
         tgt = as_target_tensor(tgt_idx)
         B, M, Nt = tgt.shape
         if self.predictor.target_mode == "per_block":
-            return apply_masks(h, tgt.transpose(0, 1), backend=self.predictor.gather_backend)  # [M, B, Nt]: block-major rows
+            # [M, B, Nt]: block-major rows
+            return apply_masks(h, tgt.transpose(0, 1), backend=self.predictor.gather_backend)
         return masked_gather(h, tgt.reshape(B, M * Nt), backend=self.predictor.gather_backend)
 
     def predict(self, source_images, ctx_idx, tgt_idx, action=None):
@@ -39,6 +40,18 @@ class IWM(nn.Module):
         z = self.encoder(source_images, ctx_idx)
         return self.predictor(z, ctx_idx, tgt_idx, action)
 
-    def forward(self, source, target, ctx_idx, tgt_idx, action=None):
+    def forward(self, source, target, ctx_idx, tgt_idx, action=None, timer=None):
+        """The loss. ``timer.mark(phase)`` (the benchmark's phase timer) is called after each phase; a hook on
+        the context tokens marks where the backward leaves the predictor for the context encoder."""
         h = self.targets(target, tgt_idx)
-        return jepa_loss(self.predict(source, ctx_idx, tgt_idx, action), h, self.loss_kind)
+        if timer is None or not timer.enabled:
+            return jepa_loss(self.predict(source, ctx_idx, tgt_idx, action), h, self.loss_kind)
+        timer.mark("target_encoder")
+        ctx_idx = as_context_tensor(ctx_idx)
+        z = self.encoder(source, ctx_idx)
+        timer.mark("context_fwd")
+        if z.requires_grad:
+            z.register_hook(lambda grad: timer.mark("predictor_bwd"))
+        loss = jepa_loss(self.predictor(z, ctx_idx, tgt_idx, action), h, self.loss_kind)
+        timer.mark("predictor_fwd")
+        return loss

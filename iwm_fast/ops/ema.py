@@ -94,10 +94,17 @@ def _momentum(momentum, device):
                              f"shape {tuple(momentum.shape)} dtype {momentum.dtype}")
         if device is not None and momentum.device != device:
             raise ValueError(f"ema_update_: momentum is on {momentum.device} but the parameters are on {device}")
+        # A tensor goes to the kernel unread, its range the caller's to keep: reading it would sync every step.
         return momentum.detach().reshape(()).to(torch.float32), None
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"ema_update_: momentum must be a float or a 0-d tensor, got {type(momentum).__name__}")
+    _check_range(float(momentum))
     return None, float(momentum)
+
+
+def _check_range(m):
+    if not 0.0 <= m <= 1.0:  # NaN fails too
+        raise ValueError(f"ema_update_: momentum must be in [0, 1], got {m}")
 
 
 def _tables(kernels, group, device, key_head):

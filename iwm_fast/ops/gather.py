@@ -19,8 +19,9 @@ Bad indices. ``IWM_FAST_INDEX_CHECK`` (or ``set_index_check``) picks how indices
     (it is free there).
   * ``"off"``: no check; an out-of-range index reads out of bounds.
 
-Dispatch (``iwm_fast.ops.dispatch``): ``backend="auto"`` runs the Triton kernels on CUDA and a plain PyTorch path
-(deterministic ``index_add_``) elsewhere; ``"triton"`` forces the kernels (on the CPU under the interpreter). Both ops are
+Dispatch (``iwm_fast.ops.dispatch``): ``backend="auto"`` runs the Triton kernels on CUDA and a plain PyTorch
+path (deterministic ``index_add_``) elsewhere; ``"triton"`` forces the kernels (on the CPU under the
+interpreter); ``"torch"`` and ``"ijepa"`` are the unfused references (``iwm_fast.backends``). Both ops are
 ``torch.library.custom_op``s with fake implementations and autograd, so ``torch.compile`` traces them.
 """
 import os

@@ -23,25 +23,23 @@ def train_main(argv=None):
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
-    from .loop import NonFiniteLossError, train
+    from .distributed import leave_process_group
+    from .guard import NonFiniteLossError
+    from .loop import train
+    from .stop_signal import EXIT_CODE, StopRequested
 
     try:
         run_dir = train(cfg)
     except NonFiniteLossError as e:
         logging.getLogger("iwm_fast").error("%s", e)
         return 3
+    except StopRequested as e:
+        logging.getLogger("iwm_fast").warning("%s", e)
+        return EXIT_CODE
     finally:
-        _leave_process_group()
+        leave_process_group()
     print(f"run directory: {run_dir}")
     return 0
-
-
-def _leave_process_group():
-    # Tear the group down before the interpreter exits, so no rank's communicator threads outlive it.
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def eval_main(argv=None):

@@ -36,16 +36,16 @@ class DataConfig:
     dataset: str = "digits"       # digits (bundled with scikit-learn) or imagefolder
     root: str = ""                # class-subfolder tree of JPEG/PNG files, for imagefolder
     image_size: int = 224
-    crop_scale: typing.Tuple[float, float] = (0.3, 1.0)
+    crop_scale: tuple[float, float] = (0.3, 1.0)
     num_workers: int = 2
 
 
 @dataclass
 class MaskConfig:
     num_targets: int = 4
-    target_scale: typing.Tuple[float, float] = (0.15, 0.2)
-    target_aspect: typing.Tuple[float, float] = (0.75, 1.5)
-    context_scale: typing.Tuple[float, float] = (0.85, 1.0)
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
     min_keep: int = 10
     allow_overlap: bool = False
 
@@ -62,8 +62,8 @@ class TrainConfig:
     start_lr: float = 2e-4
     final_lr: float = 1e-6
     warmup_steps: int = 100
-    weight_decay: typing.Tuple[float, float] = (0.04, 0.4)
-    ema_momentum: typing.Tuple[float, float] = (0.996, 1.0)
+    weight_decay: tuple[float, float] = (0.04, 0.4)
+    ema_momentum: tuple[float, float] = (0.996, 1.0)
     grad_clip: float = 0.0        # 0 disables clipping
     accum_steps: int = 1
     precision: str = "auto"       # auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32
@@ -73,6 +73,7 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 5        # consecutive non-finite losses before the run stops
     device: str = "auto"          # auto, cpu, cuda
+    term_grace_s: float = 120.0   # after SIGTERM: seconds to reach a step boundary and save before exiting anyway
 
 
 @dataclass

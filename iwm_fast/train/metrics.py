@@ -2,12 +2,13 @@
 import csv
 import os
 import sys
-import time
 
 import torch
 
+# Per step: loss, schedules and ``nonfinite`` (1: the loss was not finite and the update was skipped). Per log
+# window, on its last step's row: throughput, step time, data wait, peak memory and MFU over the window.
 FIELDS = ["step", "loss", "lr", "wd", "momentum", "images_per_s", "step_time_s", "data_wait_frac",
-          "peak_mem_mb", "mfu", "skipped"]
+          "peak_mem_mb", "mfu", "nonfinite"]
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for the MFU estimate, by device-name fragment.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -83,39 +84,9 @@ class MetricsLogger:
                 self._tb.close()
 
 
-class ProgressBar:
-    """One line with loss, images/s and ETA; rewritten in place on a terminal, printed every few steps otherwise."""
+def progress_bar(total, start=0, enabled=True):
+    """tqdm over the run's steps, advanced at log steps (with the window's loss and images/s)."""
+    from tqdm.auto import tqdm
 
-    def __init__(self, total, start=0, enabled=True, every=10, stream=sys.stderr):
-        self.total, self.done, self.enabled, self.every, self.stream = total, start, enabled, every, stream
-        self.tty = stream.isatty()
-        self.t0, self.start = time.perf_counter(), start
-
-    def update(self, step, loss, images_per_s):
-        if not self.enabled:
-            return
-        self.done = step
-        rate = (step - self.start) / max(1e-9, time.perf_counter() - self.t0)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        width = 24
-        filled = int(width * step / max(1, self.total))
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss:.4f} "
-                f"{images_per_s:7.1f} img/s ETA {_fmt_time(eta)}")
-        if self.tty:
-            self.stream.write("\r" + line)
-            self.stream.flush()
-        elif step % self.every == 0 or step == self.total:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-
-    def close(self):
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-
-
-def _fmt_time(seconds):
-    if seconds == float("inf"):
-        return "--:--"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
+                desc="train", mininterval=1.0)

@@ -17,7 +17,7 @@ def resolve_precision(precision, device):
     return precision
 
 
-def _wrap_blocks(blocks, *, mesh, mp, compile_blocks, checkpoint_blocks):
+def _wrap_blocks(blocks, *, mesh, mp, compile_blocks, compile_backend, checkpoint_blocks):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for i in range(len(blocks)):
@@ -25,12 +25,12 @@ def _wrap_blocks(blocks, *, mesh, mp, compile_blocks, checkpoint_blocks):
         if checkpoint_blocks:
             block = checkpoint_wrapper(block)
         if compile_blocks:
-            block.compile()
+            block.compile(backend=compile_backend, dynamic=True)  # the masks change the token counts every step
         fully_shard(block, mesh=mesh, mp_policy=mp)
         blocks[i] = block
 
 
-def parallelize(model, *, device, world_size, precision="fp32", compile_blocks=False,
+def parallelize(model, *, device, world_size, precision="fp32", compile_blocks=False, compile_backend="inductor",
                 activation_checkpointing=False):
     """Shard ``model`` (an ``IWM``) with FSDP2 over all ranks.
 
@@ -44,6 +44,7 @@ def parallelize(model, *, device, world_size, precision="fp32", compile_blocks=F
     for blocks, ac in ((model.encoder.blocks, activation_checkpointing),
                        (model.target_encoder.blocks, False),
                        (model.predictor.predictor_blocks, activation_checkpointing)):
-        _wrap_blocks(blocks, mesh=mesh, mp=mp, compile_blocks=compile_blocks, checkpoint_blocks=ac)
+        _wrap_blocks(blocks, mesh=mesh, mp=mp, compile_blocks=compile_blocks, compile_backend=compile_backend,
+                     checkpoint_blocks=ac)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

@@ -63,7 +63,7 @@ def hsv_to_rgb(hsv):
     """Inverse of ``rgb_to_hsv``: channel n in (5, 3, 1) for (R, G, B) is v - v*s*clip(min(k, 4-k), 0, 1)
     with k = (n + 6h) mod 6."""
     h, s, v = hsv.unbind(dim=-3)
-    n = torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype).view(3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=hsv.device, dtype=hsv.dtype).view(3, 1, 1)  # 5, 3, 1; no host copy
     k = torch.remainder(n + 6.0 * h.unsqueeze(-3), 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
     return v.unsqueeze(-3) * (1.0 - s.unsqueeze(-3) * ramp)

@@ -77,6 +77,17 @@ def normalize(images):
         raise TypeError("normalize expects a floating point tensor in [0, 1]")
     if images.dim() < 3 or images.shape[-3] != 3:
         raise ValueError(f"normalize expects [..., 3, H, W], got {tuple(images.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    mean, std = _mean_std(images.device, images.dtype)
     return (images - mean) / std
+
+
+_MEAN_STD = {}
+
+
+def _mean_std(device, dtype):
+    # Cached per device: making them from Python lists every step would be a blocking host-to-device copy.
+    key = (device, dtype)
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = tuple(torch.tensor(v, dtype=dtype).view(3, 1, 1).to(device)
+                               for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return _MEAN_STD[key]
