@@ -19,6 +19,7 @@ git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t 
 (cd "$tree" && IWM_FAST_CUDA=0 "$root/$venv/bin/python" setup.py -q build_ext --inplace >/dev/null)
 cd "$tree"
 export TRITON_INTERPRET=1 PYTHONPATH="$PWD"
-exec "$root/$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" \
-  tests/test_attention.py tests/test_gather.py tests/test_ema.py tests/test_masks_ext.py tests/test_models.py \
-  tests/test_engine.py tests/test_host_reads.py tests/test_ops_opcheck.py
+tests=("$@")  # default: the kernel, op, compile and engine tests
+[ ${#tests[@]} -gt 0 ] || tests=(tests/test_attention.py tests/test_gather.py tests/test_ema.py tests/test_masks_ext.py
+  tests/test_models.py tests/test_engine.py tests/test_host_reads.py tests/test_ops_opcheck.py)
+exec "$root/$venv/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"

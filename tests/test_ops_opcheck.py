@@ -1,14 +1,16 @@
 """Every custom op of iwm-fast passes ``torch.library.opcheck`` (schema, fake implementation, autograd
 registration, AOT dispatch), with its Triton path (under the interpreter) and its PyTorch path; every public op is
 traced by ``torch.compile(fullgraph=True)`` without a graph break."""
+import importlib
+
 import pytest
 import torch
 
 from iwm_fast import ops
 from iwm_fast.masks import _ops as mask_ops
-from iwm_fast.ops import attention as attn_ops
-from iwm_fast.ops import ema as ema_ops
-from iwm_fast.ops import gather as gather_ops
+
+# The modules (iwm_fast.ops exports functions of the same names).
+attn_ops, ema_ops, gather_ops = (importlib.import_module(f"iwm_fast.ops.{m}") for m in ("attention", "ema", "gather"))
 
 
 def _leaf(t):

@@ -1,0 +1,93 @@
+"""How a run ends when it does not simply finish: skipped last steps, a kill before the export, SIGTERM."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from iwm_fast.train import checkpoint as ckpt
+from iwm_fast.train.config import load_config
+from iwm_fast.train.guard import NonFiniteLossError
+from iwm_fast.train.loop import train
+from test_engine import TINY, losses
+
+
+def cfg(out_dir, *extra):
+    return load_config("configs/demo_cpu.yaml", TINY + [f"train.out_dir={out_dir}", *extra])
+
+
+def test_a_run_ending_on_skipped_steps_is_not_exported(tmp_path):
+    last_two = lambda step, loss: loss * float("nan") if step >= 4 else loss  # noqa: E731  (steps 5 and 6)
+    with pytest.raises(NonFiniteLossError, match="ended on 2 non-finite step"):
+        train(cfg(tmp_path / "run", "train.steps=6", "train.checkpoint_every=3"), loss_hook=last_two)
+    assert not os.path.exists(tmp_path / "run" / "target_encoder.pt")
+    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").endswith("step_00000003")
+
+
+def test_no_decodable_image_says_so(tmp_path):
+    root = tmp_path / "imgs" / "class0"
+    root.mkdir(parents=True)
+    for i in range(16):
+        (root / f"{i}.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning), pytest.raises(NonFiniteLossError, match="no image could be decoded"):
+        train(cfg(tmp_path / "run", "data.dataset=imagefolder", f"data.root={tmp_path / 'imgs'}",
+                  "train.steps=6", "train.checkpoint_every=6", "train.max_bad_steps=3"))
+    assert not os.path.exists(tmp_path / "run" / "target_encoder.pt")
+
+
+def test_a_rerun_completes_a_missing_export(tmp_path):
+    run = train(cfg(tmp_path / "run", "train.steps=2", "train.checkpoint_every=2"))
+    exported = torch.load(os.path.join(run, "target_encoder.pt"))
+    os.remove(os.path.join(run, "target_encoder.pt"))  # as if killed between the last checkpoint and the export
+    train(cfg(tmp_path / "run", "train.steps=2", "train.checkpoint_every=2"))
+    again = torch.load(os.path.join(run, "target_encoder.pt"))
+    assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
+
+
+def test_sigterm_saves_at_the_next_step_and_the_rerun_matches(tmp_path):
+    args = ["configs/demo_cpu.yaml", *TINY, "train.steps=40", "train.checkpoint_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
+    cli = [sys.executable, "-m", "iwm_fast.train.cli"]
+    ref = tmp_path / "ref"
+    subprocess.run(cli + args + [f"train.out_dir={ref}"], env=env, check=True, capture_output=True, timeout=900)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cli + args + [f"train.out_dir={run}"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not os.path.exists(run / "metrics.csv") and time.monotonic() < deadline:  # the loop is starting
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    saved = ckpt.latest_checkpoint(run / "checkpoints")
+    assert saved is not None, err[-2000:]
+    step = int(os.path.basename(saved).split("_")[1])
+    assert 0 < step < 40
+    with open(run / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, step + 1))  # every row up to the save
+    subprocess.run(cli + args + [f"train.out_dir={run}"], env=env, check=True, capture_output=True, timeout=900)
+    assert losses(run) == losses(ref)  # resumed bit-identically
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    import iwm_fast.train.loop as loop_mod
+
+    real = loop_mod.train_step
+
+    def poisons_after_step_4(model, *a, step=0, **k):
+        out = real(model, *a, step=step, **k)
+        if step == 3:  # after the 4th step's update, before its checkpoint
+            p = next(model.encoder.parameters())
+            (p.to_local() if hasattr(p, "to_local") else p).detach().fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(loop_mod, "train_step", poisons_after_step_4)
+    with pytest.raises(NonFiniteLossError, match="weights are not finite"):
+        train(cfg(tmp_path / "run", "train.steps=4", "train.checkpoint_every=2"))
+    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").endswith("step_00000002")
