@@ -6,10 +6,13 @@ later on the training device (``iwm_fast.transforms``).
 """
 from .collate import collate_skip_bad
 from .digits import BundledDigits, render_digits
-from .folder import IMAGE_EXTENSIONS, ImageFolder, UnreadableImageWarning, decode_image
+from .decode import (DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageWarning, decode_center_crop, decode_image,
+                     decode_random_crop)
+from .folder import IMAGE_EXTENSIONS, ImageFolder, SkippedLinkWarning
 from .loader import ResumableLoader, build_loader
 from .sampler import ResumableSampler, split_key
 
 __all__ = ["BundledDigits", "ImageFolder", "ResumableSampler", "ResumableLoader", "build_loader",
            "collate_skip_bad", "decode_image", "render_digits", "split_key", "UnreadableImageWarning",
-           "IMAGE_EXTENSIONS"]
+           "IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "SkippedLinkWarning", "decode_center_crop",
+           "decode_random_crop"]
