@@ -112,13 +112,18 @@ class ImageFolder(Dataset):
         self.image_size, self.crop, self.seed, self.crop_scale = image_size, bool(crop), int(seed), tuple(crop_scale)
         self.max_image_pixels = max_image_pixels
 
+    decode_on_gpu = False  # set by iwm_fast.data.gpu_decode.enable: items then carry JPEG bytes and the crop
+
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, key):
         epoch, index = split_key(key, len(self))
         path, label = self.samples[index]
-        if self.crop:
+        if self.crop and self.decode_on_gpu:
+            img = _read_for_gpu(path, self.image_size, self.crop_scale, generator(self.seed, epoch, index),
+                                self.max_image_pixels)
+        elif self.crop:
             img = decode_random_crop(path, self.image_size, scale=self.crop_scale,
                                      generator=generator(self.seed, epoch, index), max_pixels=self.max_image_pixels)
         else:
@@ -126,6 +131,19 @@ class ImageFolder(Dataset):
         if img is None:
             return None
         return img, label, index
+
+
+def _read_for_gpu(path, size, scale, gen, max_pixels):
+    from .gpu_decode import crop_for_gpu
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", UnreadableImageWarning,
+                      stacklevel=3)
+        return None
+    return crop_for_gpu(data, path, (size, size), scale=scale, generator=gen, max_pixels=max_pixels)
 
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "SkippedLinkWarning", "UnreadableImageWarning"]
