@@ -81,8 +81,13 @@ def _warn(source, err):
 
 
 def _hwc(im):
-    """A writable uint8 [H, W, 3] tensor of an RGB PIL image (one copy)."""
-    return torch.from_numpy(np.array(im, dtype=np.uint8, copy=True))
+    """A uint8 [H, W, 3] tensor of an RGB PIL image: one copy (PIL's packed bytes), read-only.
+
+    ``np.array`` would copy those bytes once more; the tensor is only read (by the resize) or copied.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(im))
 
 
 def decode_image(source, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
@@ -96,7 +101,7 @@ def decode_image(source, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         _warn(source, err)
         return None
-    return hwc.permute(2, 0, 1).contiguous()
+    return hwc.permute(2, 0, 1).contiguous()  # a writable copy
 
 
 def draft_factor(crop_h, crop_w, out_h, out_w):

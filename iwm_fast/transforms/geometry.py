@@ -53,7 +53,7 @@ def resize_hwc_uint8(hwc, out_size):
         raise ValueError(f"hwc must be a uint8 [H, W, 3] tensor, got {getattr(hwc, 'shape', type(hwc))}")
     x = hwc.permute(2, 0, 1)[None]
     if tuple(hwc.shape[:2]) == (oh, ow):
-        return x[0].contiguous()
+        return x[0].clone(memory_format=torch.contiguous_format)
     y = F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False, antialias=True)[0]
     return y.contiguous()
 
