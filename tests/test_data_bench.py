@@ -2,7 +2,6 @@
 import math
 import random
 
-import torch
 from PIL import Image
 
 from iwm_fast.bench import data as bench_data

@@ -161,18 +161,20 @@ def loader_rate(root, workers, batch, batches):
 
     ds = ImageFolder(root, image_size=OUT, crop=True, seed=0, crop_scale=SCALE)
     loader, _ = build_loader(ds, batch, num_workers=workers, seed=0, pin_memory=False)
-    def forever():
-        while True:
-            yield from loader
 
-    it = forever()
+    def forever(epochs):
+        while True:
+            yield from epochs
+
+    it = forever(loader)
     for _ in range(2):
         next(it)
     t0 = time.perf_counter()
     for _ in range(batches):
         next(it)
     dt = time.perf_counter() - t0
-    del it, loader
+    it.close()
+    del loader  # its persistent workers end with it
     return batches / dt, batches * batch / dt
 
 
@@ -222,7 +224,8 @@ def run(device, quick, engine=True):
         with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
             photos = make_photos(os.path.join(tmp, "photos"), n_photos)
             kb = sum(os.path.getsize(p) for p in photos) / len(photos) / 1024
-            NOTES.append(f"{len(photos)} photos of {kb:.0f} KB mean from {', '.join(map(os.path.basename, source_photos()))}")
+            names = ", ".join(os.path.basename(p) for p in source_photos())
+            NOTES.append(f"{len(photos)} photos of {kb:.0f} KB mean from {names}")
             rates = per_core(photos, rounds)
             for prov, r in rates.items():
                 rows.append(harness.row("data", prov, shape, "uint8", "images_per_s_per_core", _stats(r), meta))

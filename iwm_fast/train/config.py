@@ -31,11 +31,12 @@ class PredictorConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"       # digits (bundled with scikit-learn), imagefolder or shards (iwm_fast.data.registry)
-    root: str = ""                # imagefolder: class-subfolder tree of JPEG/PNG; shards: tar folder(s)/file(s), comma list
+    dataset: str = "digits"       # digits (bundled with scikit-learn) or imagefolder
+    root: str = ""                # class-subfolder tree of JPEG/PNG files, for imagefolder
     image_size: int = 224
     crop_scale: typing.Tuple[float, float] = (0.3, 1.0)
     num_workers: int = 2
+    # (dataset may also be shards: root is then a folder of .tar shards, or a comma list; iwm_fast.data.registry)
     decode: str = "cpu"           # cpu (PIL in workers) or gpu (nvJPEG via torchvision; falls back to cpu with a note)
     max_image_pixels: int = 64_000_000  # larger images are skipped unread (decompression bombs); 0: no limit
 
