@@ -160,3 +160,18 @@ def test_links_inside_the_class_and_out_of_the_root(tmp_path):
     with pytest.warns(SkippedLinkWarning, match="out of the data root"):
         ds = ImageFolder(root, image_size=8)
     assert len(ds) == 7 and sum(label == 0 for _, label in ds.samples) == 4
+
+
+def test_sample_order_is_os_walks(tmp_path):
+    # Sample indices key the crops and the sampler's permutation: the link-safe walk keeps the old order.
+    root = tmp_path / "data"
+    for rel in ["c/a.png", "c/b/x.png", "c/c.png", "c/b/y/z.png", "c/B.png", "c/.hidden/h.png", "d/q.png",
+                "d/aa/r.png", "d/.skip.png"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / rel)
+    old = []
+    for label, name in enumerate(["c", "d"]):
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames.sort()
+            old += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if not f.startswith(".")]
+    assert ImageFolder(root, 4).samples == old

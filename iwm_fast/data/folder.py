@@ -21,7 +21,8 @@ def _inside(path, root):
 
 
 def _walk_class(class_dir, root_real, visited, exts):
-    """Image files under ``class_dir``, sorted, each real directory visited once.
+    """Image files under ``class_dir`` in ``os.walk`` order (a folder's files by name, then its subfolders by
+    name), each real directory visited once.
 
     A directory link is followed only to a directory inside this class folder's real tree not visited yet:
     a link out of the root, into another class (which would mislabel its images), to the root or an
@@ -40,16 +41,12 @@ def _walk_class(class_dir, root_real, visited, exts):
             continue
         subdirs = []
         for e in entries:
-            if e.name.startswith("."):
-                continue
             if e.is_dir(follow_symlinks=True):
                 real = os.path.realpath(e.path)
                 why = None
-                if e.is_symlink():
-                    if not _inside(real, root_real):
-                        why = "it points out of the data root"
-                    elif not _inside(real, class_real) or _inside(class_real, real):
-                        why = "it points to the root, an ancestor or another class (a loop or mislabelled images)"
+                if e.is_symlink() and not (_inside(real, class_real) and real != class_real):
+                    why = ("it points out of the data root" if not _inside(real, root_real) else
+                           "it points to the root, an ancestor or another class (a loop or mislabelled images)")
                 if why is None and real in visited:
                     why = "its directory is already read (a loop or a duplicate)"
                 if why is not None:
@@ -59,10 +56,10 @@ def _walk_class(class_dir, root_real, visited, exts):
                     continue
                 visited.add(real)
                 subdirs.append(e.path)
-            elif e.name.lower().endswith(exts):
+            elif e.name.lower().endswith(exts) and not e.name.startswith("."):
                 files.append(e.path)
-        stack.extend(reversed(subdirs))  # depth first, in name order
-    return sorted(files)
+        stack.extend(reversed(subdirs))  # top-down, in name order: os.walk's order, so sample indices keep
+    return files
 
 
 class ImageFolder(Dataset):
