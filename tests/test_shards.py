@@ -247,3 +247,32 @@ def test_training_from_shards_resumes_bit_identically(shard_dir, tmp_path, monke
         assert [r.split(",")[1] for r in a] == [r.split(",")[1] for r in b]  # the loss column
     want, got = final(full), final(part)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_gpu_path_crops_like_the_cpu_path_with_a_stand_in_decoder(shard_dir, monkeypatch):
+    """The GPU path's own logic (header, box, flip, batch assembly, float resize) run on the CPU, with PIL
+    standing in for nvJPEG: the crops match the CPU path within one grey level (nvJPEG itself is checked on
+    GPU machines only)."""
+    import sys
+    import types
+
+    from iwm_fast.data import ImageFolder, collate_skip_bad, decode_image
+    from iwm_fast.data import gpu_decode
+
+    fake = types.ModuleType("torchvision.io")
+    fake.ImageReadMode = types.SimpleNamespace(UNCHANGED="unchanged")
+    fake.decode_jpeg = lambda datas, mode, device: [decode_image(bytes(d.numpy())).to(device) for d in datas]
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.io", fake)
+
+    cpu = ImageFolder(str(shard_dir / "folder"), image_size=12, seed=2)
+    gpu = ImageFolder(str(shard_dir / "folder"), image_size=12, seed=2)
+    gpu.decode_on_gpu = True
+    keys = [(1, i) for i in range(len(cpu))]
+    items = [gpu[k] for k in keys]
+    kinds = {type(it[0]).__name__ for it in items}
+    assert kinds == {"JpegCrop", "Tensor"}  # JPEGs go to the device, PNGs are cropped in the worker
+    batch = gpu_decode.GpuFinisher(torch.device("cpu")).finish(collate_skip_bad(items, 12))
+    want = torch.stack([cpu[k][0] for k in keys])
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == want.shape
+    assert (batch["images"].int() - want.int()).abs().max() <= 1
