@@ -13,9 +13,10 @@ Per core (this process, torch threads 1), medians over rounds that take the prov
   it to the device too). Written here, as torchvision is not installed beside the pinned torch;
 - ``pil_decode``: PIL's full decode alone, the floor of the first two.
 
-Full loader: ``build_loader`` over the photos with each worker count up to the cores, batches of 16;
-batches/s and images/s. Data wait: a short ``iwm-train`` run (ViT-tiny, 224 px, batch 8, CPU) on the photos,
-the median of metrics.csv's ``data_wait_frac`` over the steps after the first (``--no-engine`` skips it).
+Full loader: ``build_loader`` over the photos with 0, 1, 2, 4, ... workers and one per core, batches of 16;
+batches/s and images/s. Data wait: a short ``iwm-train`` run on the photos (224 px; on the CPU ViT-tiny with
+2 blocks and batch 8, on CUDA ViT-B/16 and batch 64), the median of metrics.csv's ``data_wait_frac`` over
+the steps after the first (``--no-engine`` skips it).
 """
 import glob
 import math
@@ -178,18 +179,23 @@ def loader_rate(root, workers, batch, batches):
     return batches / dt, batches * batch / dt
 
 
-def engine_data_wait(root, workers, steps, out_dir):
-    """Median ``data_wait_frac`` of a short CPU training run on the photos (steps after the first)."""
+def engine_data_wait(root, device, workers, steps, out_dir):
+    """(median, min, max) of ``data_wait_frac`` and the median step time of a short training run on the photos,
+    over the steps after the first. CPU: ViT-tiny with 2 blocks, batch 8; CUDA: ViT-B/16, batch 64."""
     import csv
 
     from ..train.config import load_config
     from ..train.loop import train
 
-    cfg = load_config(None, [
+    if torch.device(device).type == "cuda":
+        model = ["model.size=base", "train.batch_size=64", "train.device=cuda"]
+    else:
+        model = ["model.size=tiny", "model.depth=2", "predictor.depth=1", "predictor.width=96",
+                 "train.batch_size=8", "train.device=cpu"]
+    cfg = load_config(None, model + [
         "data.dataset=imagefolder", f"data.root={root}", f"data.image_size={OUT}", f"data.num_workers={workers}",
-        "model.size=tiny", "model.depth=2", "predictor.depth=1", "predictor.width=96", "train.batch_size=8",
-        f"train.steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=1000", "train.device=cpu",
-        "eval.enabled=false", f"train.out_dir={out_dir}"])
+        f"train.steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=1000", "eval.enabled=false",
+        f"train.out_dir={out_dir}"])
     run_dir = train(cfg)
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -234,15 +240,19 @@ def run(device, quick, engine=True):
                 rows.append(harness.row("data", "ours", shape, "uint8", f"speedup_vs_{base}", _stats(ratio), meta))
             root = os.path.join(tmp, "photos")
             ncores = cores()
-            for workers in sorted({0, 1, ncores} if quick else set(range(0, ncores + 1))):
+            counts = {0, 1, ncores} | ({2 ** k for k in range(1, 6) if 2 ** k < ncores} if not quick else set())
+            for workers in sorted(counts):
                 bps, ips = loader_rate(root, workers, 16, 4 if quick else 12)
                 lshape = f"loader:workers={workers},cores={ncores},batch=16"
                 rows.append(harness.row("data", "ours", lshape, "uint8", "batches_per_s", (bps,) * 3, meta))
                 rows.append(harness.row("data", "ours", lshape, "uint8", "images_per_s", (ips,) * 3, meta))
             if engine:
-                workers = max(1, ncores - 1)
-                med, lo, hi, step_s = engine_data_wait(root, workers, 4 if quick else 8, os.path.join(tmp, "run"))
-                eshape = f"engine:vit-tiny-2blocks,batch=8,workers={workers},cores={ncores}"
+                cuda = torch.device(device).type == "cuda"
+                workers = max(1, min(ncores - 1, 8))
+                steps = (6 if quick else 16) if cuda else (4 if quick else 8)
+                med, lo, hi, step_s = engine_data_wait(root, device, workers, steps, os.path.join(tmp, "run"))
+                what = "vit-b16,batch=64" if cuda else "vit-tiny-2blocks,batch=8"
+                eshape = f"engine:{what},workers={workers},cores={ncores}"
                 rows.append(harness.row("data", "ours", eshape, "uint8", "data_wait_frac", (med, lo, hi), meta))
                 rows.append(harness.row("data", "ours", eshape, "uint8", "step_time_s", (step_s,) * 3, meta))
     finally:
