@@ -29,10 +29,20 @@ def unavailable_reason():
     if not torch.cuda.is_available():
         return "no CUDA device"
     try:
-        import torchvision.io  # noqa: F401
-        from torchvision.io import decode_jpeg  # noqa: F401
+        # A real batched decode of a tiny JPEG: an old torchvision (no list input before 0.19) or one built for
+        # another torch fails here, at start-up, rather than at the first batch.
+        from PIL import Image
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 8), (200, 30, 60)).save(buf, "JPEG")
+        data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        out = decode_jpeg([data], mode=ImageReadMode.UNCHANGED, device="cuda")
+        if out[0].shape != (3, 8, 16) or out[0].device.type != "cuda":
+            return f"torchvision's decode_jpeg returned {tuple(out[0].shape)} on {out[0].device}"
     except Exception as err:  # not installed, or built for another torch (import or operator errors)
-        return f"torchvision is not usable ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+        msg = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        return f"torchvision's nvJPEG decode is not usable ({type(err).__name__}: {msg})"
     return None
 
 
