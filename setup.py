@@ -70,6 +70,7 @@ setup(
             "iwm-train=iwm_fast.train.cli:train_main",
             "iwm-eval=iwm_fast.train.cli:eval_main",
             "iwm-bench=iwm_fast.bench.run:main",
+            "iwm-make-shards=iwm_fast.data.make_shards:main",
         ]
     },
     ext_modules=ext_modules,

@@ -185,3 +185,22 @@ def test_exact_resume_mid_epoch(digits_val, num_workers):
         assert torch.equal(ia, ib) and torch.equal(xa, xb)
     # Next epoch reshuffles, and its crops differ from the same sample's crop in epoch 0.
     assert not torch.equal(reference[0][0], reference[per_epoch][0])
+
+
+def test_unreadable_files_counted_once_over_epochs_and_ranks(tmp_path):
+    # "N unreadable image files were skipped" summed num_skipped over draws: a bad file counted each epoch.
+    root = _write_folder(tmp_path / "data")
+    total, named = 0, set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableImageWarning)
+        for rank in range(2):
+            ds = ImageFolder(root, image_size=8, seed=1)
+            bad = {i for i, (p, _) in enumerate(ds.samples) if "broken" in p or "truncated" in p}
+            loader, sampler = build_loader(ds, 2, rank=rank, world_size=2, seed=3)
+            for epoch in range(4):
+                for batch in loader:
+                    total += batch["num_skipped"]
+                    if "skipped_indices" in batch:
+                        named |= set(batch["skipped_indices"].tolist())
+                        assert len(batch["skipped_indices"]) + len(batch["indices"]) == 2
+    assert named == bad and total == len(bad) == 2  # the two bad files, each drawn several times, count once

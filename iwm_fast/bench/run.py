@@ -27,7 +27,7 @@ import tempfile
 import time
 import traceback
 
-BENCHMARKS = ("attention", "gather", "ema", "masks", "e2e")
+BENCHMARKS = ("attention", "gather", "ema", "masks", "data", "e2e")
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 
 

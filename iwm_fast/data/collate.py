@@ -18,7 +18,12 @@ def collate_skip_bad(items, image_size=None):
         return {"images": torch.empty(0, 3, h, w, dtype=torch.uint8), "labels": torch.empty(0, dtype=torch.long),
                 "indices": torch.empty(0, dtype=torch.long),
                 "batch_positions": torch.empty(0, dtype=torch.long), "num_skipped": skipped}
-    return {"images": torch.stack([it[0] for it in good]),
+    images = [it[0] for it in good]
+    if not all(isinstance(x, torch.Tensor) for x in images):  # data.decode=gpu: JPEGs to decode on the device
+        return {"images": images, "labels": torch.tensor([int(it[1]) for it in good], dtype=torch.long),
+                "indices": torch.tensor([int(it[2]) for it in good], dtype=torch.long),
+                "batch_positions": torch.tensor(kept, dtype=torch.long), "num_skipped": skipped}
+    return {"images": torch.stack(images),
             "labels": torch.tensor([int(it[1]) for it in good], dtype=torch.long),
             "indices": torch.tensor([int(it[2]) for it in good], dtype=torch.long),
             "batch_positions": torch.tensor(kept, dtype=torch.long),

@@ -19,14 +19,34 @@ class ResumableLoader(DataLoader):
     def __iter__(self):
         sampler = self.sampler
         for batch in super().__iter__():
+            if isinstance(batch, dict) and batch.get("num_skipped"):
+                self._count_distinct(batch)
             sampler.advance(self.batch_size)
             yield batch
         sampler.set_epoch(sampler.epoch + 1)
+
+    def _count_distinct(self, batch):
+        """Name the dropped samples (``skipped_indices``) and count in ``num_skipped`` only those no rank
+        drew in an earlier epoch, so that summed over batches and ranks it counts unreadable files, not draws
+        (exact on resume too: it depends on the sampler's position alone)."""
+        sampler = self.sampler
+        drawn = sampler.order()[sampler.position: sampler.position + self.batch_size]
+        dropped = torch.ones(len(drawn), dtype=torch.bool)
+        dropped[batch["batch_positions"]] = False
+        skipped = drawn[dropped]
+        batch["skipped_indices"] = skipped
+        batch["num_skipped"] = int(sampler.unseen_before(sampler.epoch, self.batch_size)[skipped].sum())
+
+    def state_dict(self):
+        return self.sampler.state_dict()
 
 
 def build_loader(dataset, batch_size, *, rank=0, world_size=1, seed=0, num_workers=0, start_state=None,
                  shuffle=True, pin_memory=None, prefetch_factor=4):
     """``(loader, sampler)`` yielding ``{"images": uint8 [B, 3, S, S], "labels", "indices", "num_skipped"}``.
+
+    ``num_skipped``: unreadable files first met in this batch (a file skipped again in a later epoch does not
+    count again); such batches also name their dropped samples in ``skipped_indices``.
 
     Images stay uint8 until the engine moves them to the device (a quarter of float32's transfer);
     convert with ``iwm_fast.transforms.to_float``. ``batch_size`` is per rank. ``seed`` shuffles; the crops

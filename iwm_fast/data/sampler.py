@@ -89,6 +89,28 @@ class ResumableSampler(Sampler):
         _check_int("n", n, 0)
         self.position = min(self.num_samples, self.position + n)
 
+    def unseen_before(self, epoch, batch_size):
+        """Bool [dataset_len]: the indices no rank consumed in an epoch before ``epoch``.
+
+        Each epoch the ranks together consume the first ``world_size * k`` places of the permutation, where
+        ``k`` is what batches of ``batch_size`` take of a rank's share (the rest of it is dropped).
+        """
+        cached = getattr(self, "_unseen", None)
+        if cached is None or cached[0] > epoch or cached[1] != batch_size:
+            cached = (0, batch_size, torch.ones(self.dataset_len, dtype=torch.bool))
+        e, _, mask = cached
+        consumed = self.world_size * (self.num_samples // batch_size * batch_size)
+        while e < epoch and bool(mask.any()):
+            perm = torch.randperm(self.dataset_len, generator=generator(self.seed, e)) if self.shuffle \
+                else torch.arange(self.dataset_len)
+            if self.total_size > self.dataset_len:
+                perm = perm.repeat(math.ceil(self.total_size / self.dataset_len))
+            mask = mask.clone()
+            mask[perm[:consumed]] = False
+            e += 1
+        self._unseen = (max(e, epoch) if not bool(mask.any()) else e, batch_size, mask)
+        return mask
+
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "dataset_len": self.dataset_len,
                 "world_size": self.world_size, "shuffle": self.shuffle, "drop_last": self.drop_last}

@@ -38,6 +38,9 @@ class DataConfig:
     image_size: int = 224
     crop_scale: tuple[float, float] = (0.3, 1.0)
     num_workers: int = 2
+    # (dataset may also be shards: root is then a folder of .tar shards, or a comma list; iwm_fast.data.registry)
+    decode: str = "cpu"           # cpu (PIL in workers) or gpu (nvJPEG via torchvision; falls back to cpu with a note)
+    max_image_pixels: int = 64_000_000  # larger images are skipped unread (decompression bombs); 0: no limit
 
 
 @dataclass

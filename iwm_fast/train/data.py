@@ -5,31 +5,38 @@ k-th micro-batches of all ranks together are the k-th micro-batch of one process
 ``rows_in_step`` maps this rank's samples to their positions in the step's global batch; masks and views are
 drawn per position, so a sample's views and masks do not depend on the world size.
 """
-import torch
+import logging
 
-from .. import data as datasets
+from ..data import registry
+
+log = logging.getLogger("iwm_fast")
 
 
-def build_dataset(cfg, split="train", crop=True):
-    d = cfg.data
-    if d.dataset == "digits":
-        return datasets.BundledDigits(split=split, image_size=d.image_size, crop=crop, seed=cfg.train.seed,
-                                      crop_scale=d.crop_scale)
-    if d.dataset == "imagefolder":
-        if not d.root:
-            raise ValueError("data.dataset=imagefolder needs data.root (a folder of class subfolders)")
-        return datasets.ImageFolder(d.root, image_size=d.image_size, crop=crop, seed=cfg.train.seed,
-                                    crop_scale=d.crop_scale)
-    raise ValueError(f"unknown data.dataset {d.dataset!r}; choose digits or imagefolder")
+def build_dataset(cfg, split="train", crop=True, *, rank=0, world_size=1):
+    """The ``data.dataset`` named in the config (``iwm_fast.data.registry``)."""
+    return registry.get(cfg.data.dataset).build(cfg, split=split, crop=crop, rank=rank, world_size=world_size)
 
 
 class BatchStream:
-    """Endless micro-batches of this rank; ``state_dict()`` between steps names the exact next sample."""
+    """Endless micro-batches of this rank; ``state_dict()`` between steps names the exact next sample.
+
+    With ``data.decode=gpu`` the JPEGs of each batch are decoded and cropped on this process's GPU (nvJPEG,
+    ``iwm_fast.data.gpu_decode``); without a GPU or a matching torchvision it falls back to the CPU path
+    with one log line.
+    """
 
     def __init__(self, cfg, *, rank, world_size, micro_batch, start_state=None):
-        self.loader, self.sampler = datasets.build_loader(
-            build_dataset(cfg), micro_batch, rank=rank, world_size=world_size, seed=cfg.train.seed,
-            num_workers=cfg.data.num_workers, start_state=start_state)
+        spec = registry.get(cfg.data.dataset)
+        dataset = spec.build(cfg, rank=rank, world_size=world_size)
+        self.gpu = None
+        if cfg.data.decode == "gpu":
+            from ..data import gpu_decode
+
+            self.gpu = gpu_decode.enable(dataset, log=log if rank == 0 else None)
+        elif cfg.data.decode != "cpu":
+            raise ValueError(f"data.decode must be cpu or gpu, got {cfg.data.decode!r}")
+        self.loader = spec.loader(dataset, cfg, batch_size=micro_batch, rank=rank, world_size=world_size,
+                                  start_state=start_state)
         self._it = self._forever()
 
     def _forever(self):
@@ -37,10 +44,11 @@ class BatchStream:
             yield from self.loader
 
     def __next__(self):
-        return next(self._it)
+        batch = next(self._it)
+        return self.gpu.finish(batch) if self.gpu is not None else batch
 
     def state_dict(self):
-        return self.sampler.state_dict()
+        return self.loader.state_dict()
 
     def close(self):
         self._it.close()

@@ -12,35 +12,10 @@ from .config import load_config
 log = logging.getLogger("iwm_fast")
 
 
-def _images_and_labels(dataset, indices):
-    images, labels = [], []
-    for i in indices:
-        item = dataset[int(i)]
-        if item is None:  # an unreadable file
-            continue
-        image, label = item[0], item[1]
-        images.append(torch.as_tensor(image))
-        labels.append(int(label))
-    if not images:
-        raise RuntimeError("no readable images to evaluate on")
-    return torch.stack(images), torch.tensor(labels)
-
-
 def _eval_splits(cfg):
-    from .data import build_dataset
+    from ..data import registry
 
-    train_set = build_dataset(cfg, "train", crop=False)
-    limit = cfg.eval.max_train_images
-    if cfg.data.dataset == "digits":
-        val_set = build_dataset(cfg, "val", crop=False)
-        return (_images_and_labels(train_set, range(min(len(train_set), limit))),
-                _images_and_labels(val_set, range(min(len(val_set), limit))))
-    # A folder dataset without a validation split: hold out a fixed fifth of a seeded subset, decoding only
-    # the subset (a folder may hold millions of images).
-    perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.train.seed))
-    keep = perm[:min(len(train_set), limit)]
-    cut = int(0.8 * len(keep))
-    return _images_and_labels(train_set, keep[:cut]), _images_and_labels(train_set, keep[cut:])
+    return registry.get(cfg.data.dataset).eval_split(cfg)
 
 
 def _load_latest_state(run_dir, model):

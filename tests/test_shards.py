@@ -1,0 +1,278 @@
+"""Tar shards: the converter, splitting over ranks and workers, exact resume, corrupt members; the dataset
+registry and the data.decode=gpu fallback."""
+import io
+import logging
+import os
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iwm_fast.data import UnreadableImageWarning, registry
+from iwm_fast.data.make_shards import main as make_shards
+from iwm_fast.data.shards import ShardDataset, ShardLoader, read_samples
+from iwm_fast.train.config import load_config
+
+N_IMAGES = 23
+
+
+def _image_folder(root, n=N_IMAGES):
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        cls = f"c{k % 3}"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 256, (14 + k % 5, 18 + k % 4, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / cls / f"{k:03d}.{'png' if k % 4 == 0 else 'jpg'}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("shards")
+    src = _image_folder(base / "folder")
+    assert make_shards([str(src), str(base / "out"), "--shard-size", "3", "--no-progress"]) == 0
+    return base
+
+
+def test_converter_writes_every_file_once_with_its_label(shard_dir):
+    out = shard_dir / "out"
+    shards = sorted(p for p in os.listdir(out) if p.endswith(".tar"))
+    assert len(shards) == -(-N_IMAGES // 3) and not [p for p in os.listdir(out) if p.endswith(".partial")]
+    assert (out / "classes.txt").read_text().split() == ["c0", "c1", "c2"]
+    source = {}
+    for cls in ("c0", "c1", "c2"):
+        for f in os.listdir(shard_dir / "folder" / cls):
+            source[(shard_dir / "folder" / cls / f).read_bytes()] = int(cls[1])
+    seen = []
+    for s in shards:
+        for _, key, group in read_samples(str(out / s)):
+            image = group.get("jpg", group.get("png"))
+            assert source[image] == int(group["cls"])
+            seen.append(image)
+    assert sorted(seen) == sorted(source)  # every file exactly once
+    sizes = [sum(1 for _ in read_samples(str(out / s))) for s in shards]
+    assert sizes == [3] * (N_IMAGES // 3) + [N_IMAGES % 3]
+    labels = [int(g["cls"]) for _, _, g in read_samples(str(out / shards[0]))] + \
+        [int(g["cls"]) for _, _, g in read_samples(str(out / shards[1]))]
+    assert len(set(labels)) > 1  # shuffled: the first shards are not one class
+
+
+def test_converter_errors_are_one_line(shard_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        make_shards([str(tmp_path / "missing"), str(tmp_path / "o")])
+    assert e.value.code == 2 and "is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        make_shards([str(shard_dir / "folder"), str(shard_dir / "out")])
+    assert e.value.code == 2 and "already holds .tar shards" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert make_shards([str(tmp_path / "empty"), str(tmp_path / "o2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no class subfolders" in err and not (tmp_path / "o2").exists()
+
+
+def _epoch(loader):
+    return [(b["indices"].clone(), b["images"].clone(), b["num_skipped"]) for b in loader]
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(shard_dir):
+    root = str(shard_dir / "out")
+    per_epoch = []
+    for epoch in range(2):
+        seen = []
+        for rank in range(2):
+            ds = ShardDataset(root, image_size=8, seed=4, rank=rank, world_size=2, streams=2)
+            loader = ShardLoader(ds, 2, num_workers=2, start_state={**ShardLoader(ds, 2, num_workers=2).state_dict(),
+                                                                    "epoch": epoch})
+            batches = _epoch(loader)
+            assert all(x.shape[1:] == (3, 8, 8) and x.dtype == torch.uint8 for _, x, _ in batches)
+            seen += [int(i) for ind, _, _ in batches for i in ind]
+        assert len(seen) == len(set(seen)) == N_IMAGES  # each sample exactly once over 2 ranks x 2 workers
+        per_epoch.append(seen)
+    assert per_epoch[0] != per_epoch[1]  # the shard order changes with the epoch
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_bit_identically(shard_dir, num_workers):
+    root = str(shard_dir / "out")
+
+    def make(state=None):
+        ds = ShardDataset(root, image_size=8, seed=1, rank=1, world_size=2, streams=max(1, num_workers))
+        return ShardLoader(ds, 2, num_workers=num_workers, start_state=state)
+
+    def take(loader, n):
+        out = []
+        while len(out) < n:
+            for b in loader:
+                out.append((b["indices"].clone(), b["images"].clone()))
+                if len(out) == n:
+                    break
+        return out
+
+    per_epoch = len(_epoch(make()))
+    reference = take(make(), per_epoch + 3)
+    for cut in (1, per_epoch - 1):  # mid-epoch, and just before a stream runs out
+        loader = make()
+        first = take(loader, cut)
+        state = loader.state_dict()
+        rest = take(make(state), per_epoch + 3 - cut)
+        for (ia, xa), (ib, xb) in zip(reference, first + rest, strict=True):
+            assert torch.equal(ia, ib) and torch.equal(xa, xb)
+    with pytest.raises(ValueError, match="data.num_workers"):
+        ShardLoader(ShardDataset(root, 8, seed=1, rank=1, world_size=2, streams=3), 2, num_workers=3,
+                    start_state=state)
+    with pytest.raises(ValueError, match="not a shard position"):
+        make({"epoch": 0, "position": 3})
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_members_are_skipped_and_counted_once(tmp_path):
+    good = io.BytesIO()
+    Image.fromarray(np.full((12, 12, 3), 80, np.uint8)).save(good, "JPEG")
+    good = good.getvalue()
+    d = tmp_path / "sh"
+    d.mkdir()
+    _tar(d / "a.tar", [("0.jpg", good), ("0.cls", b"1"), ("1.jpg", b"not a jpeg"), ("1.cls", b"0"),
+                       ("2.jpg", good), ("3.jpg", good), ("3.cls", b"2")])            # 1 bad image, 1 no label
+    _tar(d / "b.tar", [("0.jpg", good), ("0.cls", b"0"), ("1.png", good), ("1.cls", b"x")])  # bad label
+    _tar(d / "c.tar", [(f"{k}.jpg", good) for k in range(3)] + [(f"{k}.cls", b"0") for k in range(3)])
+    whole = (d / "c.tar").read_bytes()
+    (d / "c.tar").write_bytes(whole[:512 * 3 + 100])  # cut inside the second member: a broken tar
+    ds = ShardDataset(str(d), image_size=8, seed=0)
+    loader = ShardLoader(ds, 4)
+    with pytest.warns(UnreadableImageWarning) as caught:
+        epoch0 = _epoch(loader)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "a.tar:1" in messages and "a.tar:2" in messages and "b.tar:1" in messages and "c.tar" in messages
+    assert sum(len(i) for i, _, _ in epoch0) == 3          # a:0, a:3, b:0
+    assert sum(n for _, _, n in epoch0) == 4               # three bad samples and one broken shard
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableImageWarning)
+        epoch1 = _epoch(loader)
+    assert sum(len(i) for i, _, _ in epoch1) == 3 and sum(n for _, _, n in epoch1) == 0  # counted once
+
+
+def test_shard_count_must_cover_ranks_and_workers(shard_dir):
+    with pytest.raises(ValueError, match="cannot feed 4 ranks x 3 loader workers"):
+        ShardDataset(str(shard_dir / "out"), 8, rank=0, world_size=4, streams=3)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ShardDataset(str(shard_dir / "nope"), 8)
+
+
+# ----- the registry, shared by the engine and the evaluation -----
+
+def _cfg(dataset, root="", **extra):
+    over = [f"data.dataset={dataset}", f"data.root={root}", "data.image_size=8", "data.num_workers=0",
+            "eval.max_train_images=10"] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, over)
+
+
+def test_registry_builds_each_dataset_and_its_eval_split(shard_dir):
+    from iwm_fast.data import BundledDigits, ImageFolder
+    from iwm_fast.train.data import BatchStream, build_dataset
+
+    assert set(registry.names()) >= {"digits", "imagefolder", "shards"}
+    cases = {"digits": ("", BundledDigits), "imagefolder": (str(shard_dir / "folder"), ImageFolder),
+             "shards": (str(shard_dir / "out"), ShardDataset)}
+    for name, (root, cls) in cases.items():
+        cfg = _cfg(name, root)
+        assert isinstance(build_dataset(cfg), cls)
+        (tx, ty), (vx, vy) = registry.get(name).eval_split(cfg)
+        assert tx.shape[1:] == vx.shape[1:] == (3, 8, 8) and len(tx) == len(ty) and len(vx) == len(vy) > 0
+        stream = BatchStream(cfg, rank=0, world_size=1, micro_batch=2)
+        assert next(stream)["images"].shape == (2, 3, 8, 8)
+        assert stream.state_dict()  # a position to checkpoint
+    with pytest.raises(ValueError, match="unknown data.dataset 'nope'; choose one of digits, imagefolder, shards"):
+        registry.get("nope")
+
+
+def test_gpu_decode_falls_back_to_the_cpu_with_one_line(shard_dir, caplog):
+    from iwm_fast.data import gpu_decode
+    from iwm_fast.train.data import BatchStream
+
+    if gpu_decode.unavailable_reason() is None:
+        pytest.skip("nvJPEG is usable here: the GPU path is checked on GPU machines")
+    for name, root in (("imagefolder", str(shard_dir / "folder")), ("shards", str(shard_dir / "out"))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="iwm_fast"):
+            gpu = BatchStream(_cfg(name, root, **{"data.decode": "gpu"}), rank=0, world_size=1, micro_batch=3)
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and lines[0].startswith("data.decode=gpu: ") and "on the CPU instead" in lines[0]
+        cpu = BatchStream(_cfg(name, root), rank=0, world_size=1, micro_batch=3)
+        for _ in range(3):
+            a, b = next(gpu), next(cpu)
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["indices"], b["indices"])
+    with pytest.raises(ValueError, match="data.decode must be cpu or gpu"):
+        BatchStream(_cfg("digits", **{"data.decode": "tpu"}), rank=0, world_size=1, micro_batch=3)
+
+
+def test_training_from_shards_resumes_bit_identically(shard_dir, tmp_path, monkeypatch):
+    """The engine on shards with 2 loader workers: killed after step 3 (checkpoint at 2), resumed, the same."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the engine's data path is under test, not the kernels
+    from iwm_fast.train import checkpoint as ckpt
+    from iwm_fast.train.loop import train
+
+    def cfg(out):
+        return load_config("configs/demo_cpu.yaml", [
+            "model.size=tiny", "model.depth=1", "model.patch_size=4", "data.image_size=24", "data.num_workers=2",
+            "predictor.depth=1", "predictor.width=48", "masks.min_keep=2", "masks.num_targets=2",
+            "train.batch_size=4", "train.steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=5",
+            "train.log_every=1000", "train.device=cpu", "eval.enabled=false", "data.dataset=shards",
+            f"data.root={shard_dir / 'out'}", f"train.out_dir={out}"])
+
+    def final(run):
+        try:
+            from iwm_fast.models import build_iwm as build
+        except ImportError:  # before the model factory
+            from iwm_fast.train.loop import build_model as build
+        model = build(load_config(os.path.join(run, "config.yaml")))
+        ckpt.load_checkpoint(ckpt.latest_checkpoint(os.path.join(run, "checkpoints")), model)
+        return model.state_dict()
+
+    full = train(cfg(tmp_path / "full"))
+    part = tmp_path / "part"
+    train(cfg(part), max_steps=3)
+    assert ckpt.latest_checkpoint(part / "checkpoints").endswith("step_00000002")
+    train(cfg(part))
+    with open(os.path.join(full, "metrics.csv")) as a, open(os.path.join(part, "metrics.csv")) as b:
+        assert [r.split(",")[1] for r in a] == [r.split(",")[1] for r in b]  # the loss column
+    want, got = final(full), final(part)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_gpu_path_crops_like_the_cpu_path_with_a_stand_in_decoder(shard_dir, monkeypatch):
+    """The GPU path's own logic (header, box, flip, batch assembly, float resize) run on the CPU, with PIL
+    standing in for nvJPEG: the crops match the CPU path within one grey level (nvJPEG itself is checked on
+    GPU machines only)."""
+    import sys
+    import types
+
+    from iwm_fast.data import ImageFolder, collate_skip_bad, decode_image
+    from iwm_fast.data import gpu_decode
+
+    fake = types.ModuleType("torchvision.io")
+    fake.ImageReadMode = types.SimpleNamespace(UNCHANGED="unchanged")
+    fake.decode_jpeg = lambda datas, mode, device: [decode_image(bytes(d.numpy())).to(device) for d in datas]
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.io", fake)
+
+    cpu = ImageFolder(str(shard_dir / "folder"), image_size=12, seed=2)
+    gpu = ImageFolder(str(shard_dir / "folder"), image_size=12, seed=2)
+    gpu.decode_on_gpu = True
+    keys = [(1, i) for i in range(len(cpu))]
+    items = [gpu[k] for k in keys]
+    kinds = {type(it[0]).__name__ for it in items}
+    assert kinds == {"JpegCrop", "Tensor"}  # JPEGs go to the device, PNGs are cropped in the worker
+    batch = gpu_decode.GpuFinisher(torch.device("cpu")).finish(collate_skip_bad(items, 12))
+    want = torch.stack([cpu[k][0] for k in keys])
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == want.shape
+    assert (batch["images"].int() - want.int()).abs().max() <= 1
