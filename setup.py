@@ -58,6 +58,7 @@ setup(
         "pillow>=9",
         "matplotlib>=3.6",
         "tensorboard>=2.12",
+        "xxhash>=3",                # checkpoint checksums (iwm_fast/train/checkpoint.py says why not SHA-256)
     ],
     extras_require={
         "dev": ["pytest>=7", "ninja"],
