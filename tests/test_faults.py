@@ -93,7 +93,12 @@ def server():
     ctx = mp.get_context("forkserver")
     old = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TRITON_INTERPRET")}
     os.environ.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
-    ctx.set_forkserver_preload(["iwm_fast.train.loop", "iwm_fast.train.cli", "iwm_fast.models"])
+    # Everything a run imports lazily (scikit-learn for the digits, dynamo under FSDP2, TensorBoard): ~15 s a child.
+    ctx.set_forkserver_preload(["iwm_fast.train.loop", "iwm_fast.train.cli", "iwm_fast.train.data", "sklearn.datasets",
+                                "torch._dynamo", "torch.utils.tensorboard", "torch.distributed.checkpoint"])
+    warm = ctx.Process(target=time.sleep, args=(0,))  # start the server (and its imports) before any trial
+    warm.start()
+    warm.join()
     yield ctx
     for k, v in old.items():
         if v is None:
@@ -102,18 +107,22 @@ def server():
             os.environ[k] = v
 
 
-def _run(ctx, run_dir, *, hook="", kill_after=None, timeout=300):
-    """Run the CLI in a child; SIGKILL it after ``kill_after`` seconds. Returns (exit code, stderr text)."""
+def _run(ctx, run_dir, *, hook="", kill_when=None, then_wait=0.0, timeout=300):
+    """Run the CLI in a child. With ``kill_when``, poll it every 2 ms and SIGKILL the child ``then_wait``
+    seconds after it first holds. Returns (exit code, stderr text)."""
     log = f"{run_dir}.log"
     p = ctx.Process(target=_child, args=(str(run_dir), log, hook))
     p.start()
-    p.join(kill_after if kill_after is not None else timeout)
-    if p.is_alive():
-        if kill_after is None:
-            p.kill()
-            pytest.fail(f"the run in {run_dir} hung")
+    deadline = time.monotonic() + timeout
+    if kill_when is not None:
+        while p.is_alive() and not kill_when(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(then_wait)
         p.kill()
-        p.join()
+    p.join(max(0.0, deadline - time.monotonic()))
+    if p.is_alive():
+        p.kill()
+        pytest.fail(f"the run in {run_dir} hung")
     with open(log) as f:
         err = f.read()
     os.remove(log)
@@ -135,10 +144,9 @@ def _encoder(run):
 @pytest.fixture(scope="module")
 def reference(server, tmp_path_factory):
     run = tmp_path_factory.mktemp("faults") / "reference"
-    t0 = time.perf_counter()
     code, err = _run(server, run)
     assert code == 0, err[-2000:]
-    return {"dir": run, "rows": _rows(run), "encoder": _encoder(run), "seconds": time.perf_counter() - t0}
+    return {"dir": run, "rows": _rows(run), "encoder": _encoder(run)}
 
 
 def _assert_intact(run, reference):
@@ -160,12 +168,29 @@ def _assert_completes_identically(ctx, run, reference):
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("trial", range(2))
+def _rows_at_least(k):
+    return lambda run: len(_rows(run)) >= k
+
+
+def _saving(step):
+    return lambda run: os.path.isdir(os.path.join(run, "checkpoints", f"{ckpt.TMP_PREFIX}{ckpt.PREFIX}{step:08d}"))
+
+
+# Moments to kill at: while a step runs, while a checkpoint is written, right after the last step's row.
+MOMENTS = [("step 2 running", _rows_at_least(1)), ("saving step 2", _saving(2)), ("step 4 running", _rows_at_least(3)),
+           ("saving step 4", _saving(4)), ("after step 4's row", _rows_at_least(4))]
+
+
+TRIALS = random.Random(SEED).sample(range(len(MOMENTS)), 3)
+
+
+@pytest.mark.parametrize("trial", range(len(TRIALS)))
 def test_sigkill_at_a_random_moment(server, reference, tmp_path, trial):
     rng = random.Random(SEED + trial)
+    what, moment = MOMENTS[TRIALS[trial]]
     run = tmp_path / "run"
-    delay = rng.uniform(0.1, 1.0) * reference["seconds"]
-    _run(server, run, kill_after=delay)
+    code, _ = _run(server, run, kill_when=moment, then_wait=rng.uniform(0.0, 0.05))
+    assert code == -signal.SIGKILL, f"the run ended (exit {code}) before the kill at {what}"
     _assert_intact(run, reference)
     _assert_completes_identically(server, run, reference)
 
