@@ -59,6 +59,7 @@ setup(
         "matplotlib>=3.6",
         "tensorboard>=2.12",
         "tqdm>=4.60",
+        "xxhash>=3",                # checkpoint checksums (iwm_fast/train/checkpoint.py says why not SHA-256)
     ],
     extras_require={
         "dev": ["pytest>=7", "ninja", "ruff>=0.5", "pre-commit>=3"],

@@ -64,3 +64,108 @@ def test_schedules_endpoints():
     assert momentum_at(100, total=100, start=0.996, end=1.0) == pytest.approx(1.0)
     assert weight_decay_at(0, total=100, start=0.04, end=0.4) == pytest.approx(0.04)
     assert weight_decay_at(100, total=100, start=0.04, end=0.4) == pytest.approx(0.4)
+
+
+# Every value the config takes is checked once, when it is loaded, with the key and the allowed range named.
+INVALID = {
+    "train.steps=0": "train.steps must be an integer >= 1",
+    "train.steps=-5": "train.steps must be an integer >= 1",
+    "train.checkpoint_every=0": "train.checkpoint_every must be an integer >= 1",
+    "train.log_every=0": "train.log_every must be an integer >= 1",
+    "train.accum_steps=0": "train.accum_steps must be an integer >= 1",
+    "train.batch_size=0": "train.batch_size must be an integer >= 1",
+    "train.max_bad_steps=0": "train.max_bad_steps must be an integer >= 1",
+    "train.device=bogus": "train.device must be one of 'auto', 'cpu', 'cuda'",
+    "train.precision=fp8": "train.precision must be one of",
+    "train.loss=l1": "train.loss must be one of",
+    "model.size=enormous": "model.size must be one of .*'tiny'",
+    "model.depth=-1": "model.depth must be an integer >= 0",
+    "model.patch_size=0": "model.patch_size must be an integer >= 1",
+    "model.attn_backend=cudnn": "model.attn_backend must be one of",
+    "train.ema_momentum=[1.5,2]": r"train.ema_momentum must be a pair \[lo, hi\] with lo <= hi, both in \[0, 1\]",
+    "train.ema_momentum=[1.0,0.996]": "train.ema_momentum must be a pair",
+    "train.ema_momentum=[nan,1]": "train.ema_momentum must be a pair",
+    "data.crop_scale=[2,3]": r"data.crop_scale must be a pair \[lo, hi\] with lo <= hi, both in \(0, 1\]",
+    "data.crop_scale=[0,1]": "data.crop_scale must be a pair",
+    "data.crop_scale=[0.9,0.5]": "data.crop_scale must be a pair",
+    "train.warmup_steps=-1": "train.warmup_steps must be an integer >= 0",
+    "train.weight_decay=[-0.1,0.4]": "train.weight_decay must be a pair .* >= 0",
+    "train.weight_decay=[0.04,inf]": "train.weight_decay must be a pair .* finite",
+    "train.grad_clip=-1": "train.grad_clip must be a finite number >= 0",
+    "train.lr=inf": "train.lr must be a finite number",
+    "train.start_lr=nan": "train.start_lr must be a finite number",
+    "train.final_lr=-1e-6": "train.final_lr must be a finite number >= 0",
+    "train.keep_checkpoints=-1": "train.keep_checkpoints must be an integer >= 0",
+    "train.seed=-1": "train.seed must be an integer in",
+    "predictor.width=0 predictor.preset=": "predictor.width must be an integer >= 1 when predictor.preset is",
+    "predictor.conditioning= predictor.preset=": "predictor.conditioning must be set when predictor.preset is",
+    "predictor.num_heads=-1": "predictor.num_heads must be an integer >= 0",
+    "predictor.num_heads=5": "predictor width 192 must be divisible by predictor.num_heads",
+    "predictor.depth=-2": "predictor.depth must be an integer >= 0",
+    "predictor.preset=huge": "predictor.preset must be one of",
+    "predictor.conditioning=film": "predictor.conditioning must be one of",
+    "predictor.target_mode=blocks": "predictor.target_mode must be one of",
+    "data.image_size=30": "data.image_size must be divisible by model.patch_size=4",
+    "data.dataset=imagenet": "data.dataset must be one of",
+    "data.num_workers=-1": "data.num_workers must be an integer >= 0",
+    "masks.num_targets=0": "masks.num_targets must be an integer >= 1",
+    "masks.target_scale=[0.1,1.2]": "masks.target_scale must be a pair",
+    "masks.context_scale=[0,0.5]": "masks.context_scale must be a pair",
+    "masks.target_aspect=[2,1]": "masks.target_aspect must be a pair",
+    "masks.min_keep=-1": "masks.min_keep must be an integer >= 0",
+    "eval.bank_size=1": "eval.bank_size must be an integer >= 2",
+    "eval.num_queries=0": "eval.num_queries must be an integer >= 1",
+}
+
+
+@pytest.mark.parametrize("override", sorted(INVALID))
+def test_invalid_values_are_refused_naming_the_key_and_range(override):
+    with pytest.raises(ConfigError, match=INVALID[override]):
+        load_config("configs/demo_cpu.yaml", override.split())
+
+
+def test_valid_edges_are_accepted():
+    cfg = load_config("configs/demo_cpu.yaml", ["train.ema_momentum=[1,1]", "data.crop_scale=[1,1]",
+                                                "train.warmup_steps=0", "train.grad_clip=0", "model.depth=1",
+                                                "train.weight_decay=[0,0]", "predictor.num_heads=4"])
+    assert cfg.train.ema_momentum == (1.0, 1.0) and cfg.model.depth == 1
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  steps: 10\n  lr: [1e-3\nmodel:\n  size: tiny\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML at line \d+, column \d+"):
+        load_config(p)
+
+
+def test_a_folder_or_a_binary_file_as_config_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)
+    p = tmp_path / "model.pt"
+    p.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="model.pt is not a text file"):
+        load_config(p)
+    q = tmp_path / "list.yaml"
+    q.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections, not a list"):
+        load_config(q)
+
+
+def test_environment_checks(tmp_path, monkeypatch):
+    import torch
+
+    from iwm_fast.train.config import check_environment
+    cfg = load_config("configs/demo_cpu.yaml", ["data.dataset=imagefolder", f"data.root={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="data.root .*none does not exist"):
+        check_environment(cfg, 1)
+    cfg = load_config("configs/demo_cpu.yaml", ["train.batch_size=10", "train.accum_steps=2"])
+    check_environment(cfg, 1)
+    with pytest.raises(ConfigError, match=r"train.batch_size=10 must be divisible by the world size 2 x "
+                       r"train.accum_steps=2 = 4"):
+        check_environment(cfg, 2)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="world size 3"):
+        check_environment(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device is visible"):
+        check_environment(load_config("configs/demo_cpu.yaml", ["train.device=cuda"]), 1)

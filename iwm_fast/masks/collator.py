@@ -56,6 +56,8 @@ class MultiBlockMaskCollator:
         return list(context.unbind(1)), list(targets.unbind(1))
 
     def __call__(self, batch):
+        if len(batch) == 0:  # default_collate would fail with a bare IndexError
+            raise ValueError("MultiBlockMaskCollator got an empty batch: a batch needs at least one sample")
         collated = torch.utils.data.default_collate(batch)
         masks_enc, masks_pred = self.sample(len(batch), seed=self._stream_seed(), step=self.step)
         self.step += 1

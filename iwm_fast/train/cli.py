@@ -1,13 +1,37 @@
-"""Command-line entry points: ``iwm-train CONFIG [key=value ...]`` and ``iwm-eval RUN_DIR``."""
+"""Command-line entry points: ``iwm-train CONFIG [key=value ...]`` and ``iwm-eval RUN_DIR``.
+
+A user error (a bad value, a malformed or missing file, a run that cannot resume, a full disk) is one line on
+stderr and exit status 2; the config and the machine are checked before anything is written to the run
+directory. Tracebacks are left for bugs.
+"""
 import argparse
+import errno
 import logging
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, check_environment, load_config
 
 
 def _setup_logging():
     logging.basicConfig(level=logging.INFO, format="[iwm-fast] %(message)s", stream=sys.stderr)
+
+
+def _user_errors():
+    """The exceptions that mean "fix the input or the machine", not "fix the code"."""
+    from .checkpoint import CheckpointError
+    from .metrics import MetricsWriteError
+    from .resume import ResumeError
+
+    return (ConfigError, CheckpointError, MetricsWriteError, ResumeError, FileNotFoundError, PermissionError)
+
+
+def _is_environment_oserror(e):
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)
+
+
+def _fail(parser, e):
+    message = " ".join(str(e).split()) or type(e).__name__  # one line, however the message was built
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 def train_main(argv=None):
@@ -21,8 +45,9 @@ def train_main(argv=None):
     _setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
+        check_environment(cfg)
     except ConfigError as e:
-        parser.error(str(e))
+        _fail(parser, e)
     from .distributed import leave_process_group
     from .guard import NonFiniteLossError
     from .loop import train
@@ -36,6 +61,12 @@ def train_main(argv=None):
     except StopRequested as e:
         logging.getLogger("iwm_fast").warning("%s", e)
         return EXIT_CODE
+    except _user_errors() as e:
+        _fail(parser, e)
+    except OSError as e:
+        if not _is_environment_oserror(e):
+            raise
+        _fail(parser, e)
     finally:
         leave_process_group()
     print(f"run directory: {run_dir}")
@@ -43,18 +74,21 @@ def train_main(argv=None):
 
 
 def eval_main(argv=None):
-    parser = argparse.ArgumentParser(prog="iwm-eval", description="Evaluate a finished or running IWM run: "
-                                     "linear probe vs a random encoder, world-model MRR, loss-curve plot.")
+    parser = argparse.ArgumentParser(
+        prog="iwm-eval", description="Evaluate a finished or running IWM run: linear probe vs a random encoder, "
+        "world-model MRR, loss-curve plot. Writes RUN_DIR/eval.json (a warning, not an error, where the run "
+        "directory is read-only) and a finished run's missing target_encoder.pt.")
     parser.add_argument("run_dir")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's saved config (eval.*)")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides of the run's saved config: eval.* and train.device only")
     args = parser.parse_args(argv)
     _setup_logging()
     from .evaluate import evaluate_run
 
     try:
         evaluate_run(args.run_dir, overrides=args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        parser.error(str(e))
+    except _user_errors() as e:
+        _fail(parser, e)
     return 0
 
 

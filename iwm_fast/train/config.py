@@ -3,6 +3,7 @@
 Every dotted key (``train.steps``, ``model.size``, ...) is a field below; an unknown key is an error that names it.
 """
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -174,27 +175,54 @@ def apply_overrides(cfg, overrides):
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: {raw!r} is not a valid YAML value") from None
+        _set(cfg, key.strip(), value)
     return cfg
 
 
-def load_config(path=None, overrides=()):
+def _read_yaml(path):
+    """The mapping in a YAML config file; one clear ConfigError for a missing, unreadable or malformed one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file (a YAML config is text)") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {what}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not a {type(data).__name__}")
+    return data
+
+
+def load_config(path=None, overrides=(), *, validate_values=True):
+    """Defaults, then the YAML file at ``path``, then the overrides; every value checked by ``validate``."""
     cfg = Config()
     if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        for key, value in _flatten(data):
+        for key, value in _flatten(_read_yaml(path)):
             _set(cfg, key, value)
     apply_overrides(cfg, overrides)
     try:  # re-run the sections' own validation on the final values
         cfg.augment = dataclasses.replace(cfg.augment)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"augment: {e}") from None
+    if validate_values:
+        validate(cfg)
     return cfg
 
 
@@ -211,3 +239,140 @@ def to_dict(cfg):
 def save_config(cfg, path):
     with open(path, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+# ---------------------------------------------------------------- validation
+
+def _fail(key, allowed, value):
+    raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+
+def _int_at_least(key, value, low):
+    if value < low:
+        _fail(key, f"an integer >= {low}", value)
+
+
+def _finite_at_least(key, value, low=0.0):
+    if not math.isfinite(value) or value < low:
+        _fail(key, f"a finite number >= {low:g}", value)
+
+
+def _one_of(key, value, allowed):
+    if value not in allowed:
+        _fail(key, "one of " + ", ".join(repr(a) for a in allowed), value)
+
+
+def _range_pair(key, pair, *, low=0.0, high=1.0, low_open=True):
+    """A pair (lo, hi) with low < lo <= hi <= high (low <= lo when not ``low_open``)."""
+    lo, hi = pair
+    ok_lo = lo > low if low_open else lo >= low
+    if not (math.isfinite(lo) and math.isfinite(hi) and ok_lo and lo <= hi <= high):
+        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        _fail(key, f"a pair [lo, hi] with lo <= hi, both in {bound}", list(pair))
+
+
+def validate(cfg):
+    """Check every value of ``cfg`` once, before anything is built or written; raises ConfigError naming the key
+    and what it allows. (Where the run may write, the data root and the device are ``check_environment``'s.)"""
+    from ..backends import ATTENTION
+    from ..models import PREDICTOR_PRESETS, VIT_SIZES
+
+    m, p, d, k, t, e = cfg.model, cfg.predictor, cfg.data, cfg.masks, cfg.train, cfg.eval
+    _one_of("model.size", m.size, tuple(VIT_SIZES))
+    _int_at_least("model.patch_size", m.patch_size, 1)
+    _int_at_least("model.depth", m.depth, 0)
+    _one_of("model.attn_backend", m.attn_backend, ATTENTION)
+    _finite_at_least("model.patch_init_std", m.patch_init_std)
+
+    _one_of("predictor.preset", p.preset, ("",) + tuple(PREDICTOR_PRESETS))
+    for name in ("depth", "width", "num_heads"):
+        _int_at_least(f"predictor.{name}", getattr(p, name), 0)
+    _one_of("predictor.conditioning", p.conditioning, ("", "feature", "sequence", "none"))
+    _one_of("predictor.target_mode", p.target_mode, ("", "union", "per_block"))
+    if not p.preset:
+        for name in ("depth", "width"):
+            if getattr(p, name) <= 0:
+                _fail(f"predictor.{name}", "an integer >= 1 when predictor.preset is \"\" (no preset to take it "
+                      "from)", getattr(p, name))
+        for name in ("conditioning", "target_mode"):
+            if not getattr(p, name):
+                raise ConfigError(f"predictor.{name} must be set when predictor.preset is \"\" (no preset to "
+                                  "take it from)")
+    width = p.width or PREDICTOR_PRESETS[p.preset].width
+    heads = p.num_heads or VIT_SIZES[m.size].num_heads
+    if width % heads:
+        src = "predictor.num_heads" if p.num_heads else f"model.size={m.size}'s head count"
+        raise ConfigError(f"predictor width {width} must be divisible by {src} ({heads})")
+
+    from ..data import registry
+
+    _one_of("data.dataset", d.dataset, tuple(registry.names()))
+    _one_of("data.decode", d.decode, ("cpu", "gpu"))
+    _int_at_least("data.max_image_pixels", d.max_image_pixels, 0)
+    _int_at_least("data.image_size", d.image_size, 1)
+    if d.image_size % m.patch_size:
+        raise ConfigError(f"data.image_size must be divisible by model.patch_size={m.patch_size}, "
+                          f"got {d.image_size!r}")
+    _range_pair("data.crop_scale", d.crop_scale)
+    _int_at_least("data.num_workers", d.num_workers, 0)
+
+    _int_at_least("masks.num_targets", k.num_targets, 1)
+    _range_pair("masks.target_scale", k.target_scale)
+    _range_pair("masks.context_scale", k.context_scale)
+    _range_pair("masks.target_aspect", k.target_aspect, high=math.inf)
+    _int_at_least("masks.min_keep", k.min_keep, 0)
+
+    for name in ("steps", "batch_size", "checkpoint_every", "accum_steps", "log_every", "max_bad_steps"):
+        _int_at_least(f"train.{name}", getattr(t, name), 1)
+    if not 0 <= t.seed < 2 ** 63:
+        _fail("train.seed", "an integer in [0, 2**63)", t.seed)
+    _int_at_least("train.keep_checkpoints", t.keep_checkpoints, 0)
+    _int_at_least("train.warmup_steps", t.warmup_steps, 0)
+    for name in ("lr", "start_lr", "final_lr", "grad_clip"):
+        _finite_at_least(f"train.{name}", getattr(t, name))
+    _finite_at_least("train.term_grace_s", t.term_grace_s)
+    wd = t.weight_decay
+    if not all(math.isfinite(v) and v >= 0 for v in wd):
+        _fail("train.weight_decay", "a pair [start, end] of finite numbers >= 0", list(wd))
+    _range_pair("train.ema_momentum", t.ema_momentum, low_open=False)
+    _one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
+    _one_of("train.loss", t.loss, ("l2", "smooth_l1"))
+    _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+
+    _int_at_least("eval.bank_size", e.bank_size, 2)
+    for name in ("num_queries", "probe_epochs", "max_train_images"):
+        _int_at_least(f"eval.{name}", getattr(e, name), 1)
+    return cfg
+
+
+def world_size_from_env():
+    """The number of ranks torchrun (or SLURM through it) will start: WORLD_SIZE, else 1."""
+    import os
+
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise ConfigError(f"environment variable WORLD_SIZE={raw!r} is not an integer") from None
+
+
+def check_environment(cfg, world_size=None):
+    """What the config asks of this machine: the data root, the device, and a batch that splits evenly."""
+    import os
+
+    d, t = cfg.data, cfg.train
+    if d.dataset == "imagefolder":
+        if not d.root:
+            raise ConfigError("data.root must be set for data.dataset=imagefolder (a folder of class subfolders)")
+        if not os.path.isdir(d.root):
+            what = "is not a folder" if os.path.exists(d.root) else "does not exist"
+            raise ConfigError(f"data.root {d.root} {what}")
+    if t.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible (use train.device=cpu or auto)")
+    world = world_size_from_env() if world_size is None else world_size
+    if t.batch_size % (world * t.accum_steps):
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {world} x "
+                          f"train.accum_steps={t.accum_steps} = {world * t.accum_steps}")

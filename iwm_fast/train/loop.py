@@ -8,10 +8,13 @@ import logging
 import os
 import time
 
+import torch
+import torch.distributed as dist
+
 from ..ops.gather import set_index_check
 from .build import build_training
 from .checkpointer import Checkpointer
-from .config import save_config
+from .config import save_config, validate
 from .data import BatchStream, rows_in_step
 from .distributed import init_distributed
 from .finish import finish, missing_outputs
@@ -36,12 +39,21 @@ def _micro_batch(cfg, world):
     return t.batch_size // (world * t.accum_steps)
 
 
+def _sum_over_ranks(n, device):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return n
+    total = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def train(cfg, *, loss_hook=None, max_steps=None, backends=None):
     """Train (or resume) the run in ``cfg.train.out_dir``; returns the run directory.
 
     ``loss_hook(step, loss) -> loss`` lets tests inject faults; ``max_steps`` stops early, as a kill would;
     ``backends`` (``iwm_fast.backends.Backends``) swaps implementations, as the benchmark does.
     """
+    validate(cfg)  # load_config did for the CLI; a Config built in Python is checked here
     rank, world, device = init_distributed(cfg.train.device)
     # Every index comes from our own mask sampler, in range by construction (and tested): skip the bounds
     # check's host read. IWM_FAST_INDEX_CHECK=host brings it back for debugging.
@@ -54,16 +66,17 @@ def train(cfg, *, loss_hook=None, max_steps=None, backends=None):
                                 rank=rank)
     if checkpointer.latest is not None:
         check_resumable(cfg, run_dir)
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
     run = build_training(cfg, device=device, world_size=world, backends=backends)
     model, optimizer = run.model, run.optimizer
     grid = model.encoder.grid
-    meta = checkpointer.resume(model, optimizer)
+    meta = checkpointer.resume(model, optimizer)  # a refused (strict) load leaves the run's config.yaml as it was
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
     start_step = meta["step"] if meta else 0
-    skipped_images = meta.get("skipped_images", 0) if meta else 0
+    # This rank's unreadable files; the checkpoint holds all ranks' total, which rank 0 carries on.
+    skipped_images = meta.get("skipped_images", 0) if meta and rank == 0 else 0
     if start_step >= t.steps:
         missing = missing_outputs(cfg, run_dir)
         if rank == 0:
@@ -118,7 +131,8 @@ def train(cfg, *, loss_hook=None, max_steps=None, backends=None):
                 log.warning("step %d: no checkpoint after a non-finite step; the last one stays %s", step,
                             checkpointer.latest)
             elif save or stopping:
-                checkpointer.save(step, model, optimizer, {"data": data.state_dict(), "skipped_images": skipped_images})
+                checkpointer.save(step, model, optimizer, {"data": data.state_dict(),
+                                                           "skipped_images": _sum_over_ranks(skipped_images, device)})
             if stopping and step < t.steps:
                 raise StopRequested(step, checkpointer.latest)
     finally:
@@ -131,6 +145,7 @@ def train(cfg, *, loss_hook=None, max_steps=None, backends=None):
         profiler.close()
         stop.close()
         data.close()
+    skipped_images = _sum_over_ranks(skipped_images, device)  # the ranks' counts are of disjoint files
     if skipped_images and rank == 0:
         log.warning("%d unreadable image files were skipped during training", skipped_images)
     if step == t.steps and end == t.steps:

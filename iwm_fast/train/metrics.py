@@ -1,5 +1,6 @@
 """Per-step metrics (CSV and TensorBoard, rank 0 only), a console progress bar, and an MFU estimate."""
 import csv
+import io
 import os
 import sys
 
@@ -9,6 +10,7 @@ import torch
 # window, on its last step's row: throughput, step time, data wait, peak memory and MFU over the window.
 FIELDS = ["step", "loss", "lr", "wd", "momentum", "images_per_s", "step_time_s", "data_wait_frac",
           "peak_mem_mb", "mfu", "nonfinite"]
+_RENAMED = {"nonfinite": "skipped"}
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for the MFU estimate, by device-name fragment.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -44,22 +46,39 @@ def step_flops(model, batch, num_ctx, pred_seqs, pred_seq_len):
     return target + 3 * (context + predictor)
 
 
+class MetricsWriteError(RuntimeError):
+    """metrics.csv could not be written (a full disk); the rows already in the file are kept."""
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class MetricsLogger:
+    """Appends one row per step to ``RUN_DIR/metrics.csv`` (and TensorBoard), rank 0 only.
+
+    No failure loses a row already written: a resume that must drop rows logged after its checkpoint rewrites
+    the file through a temporary file, fsync and an atomic rename; every later row is appended, and a failed
+    append (a full disk) is cut back to the last whole row before MetricsWriteError is raised.
+    """
+
     def __init__(self, run_dir, enabled=True, resume_step=0):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.csv")
         self._tb = None
+        self._file = None
         if not enabled:
             return
-        kept = []
-        if resume_step > 0 and os.path.exists(self.path):
-            # Rows logged after the checkpoint we resume from are recomputed: drop them so each step appears once.
-            with open(self.path, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
-        self._file = open(self.path, "w", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
-        self._csv.writeheader()
-        self._csv.writerows(kept)
+        self._prepare(resume_step)
+        try:
+            self._file = open(self.path, "a", newline="")
+        except OSError as e:
+            raise MetricsWriteError(f"cannot open {self.path} for appending ({e.strerror or e})") from e
+        self._size = os.path.getsize(self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -67,19 +86,87 @@ class MetricsLogger:
         except Exception as e:  # TensorBoard is optional for a run; the CSV is the record
             print(f"[iwm-fast] TensorBoard logging off: {e}", file=sys.stderr)
 
+    def _prepare(self, resume_step):
+        """Leave a file holding the header and exactly the whole rows of steps 1..resume_step."""
+        rows, header, whole = [], None, True
+        if os.path.exists(self.path):
+            with open(self.path, newline="") as f:
+                text = f.read()
+            reader = csv.DictReader(io.StringIO(text))
+            header = reader.fieldnames
+            for r in reader:
+                # Keep whole rows of steps already covered by the checkpoint; a row cut short by a crash has
+                # empty trailing fields (None) and is dropped with the rows logged after the checkpoint.
+                if None in r.values() or None in r or not (r.get("step") or "").isdigit():
+                    whole = False
+                    continue
+                if int(r["step"]) <= resume_step:
+                    rows.append(r)
+                else:
+                    whole = False
+            whole = whole and text.endswith("\n")
+        if header == FIELDS and whole and len(rows) == resume_step:
+            return  # nothing to drop: append to the file as it is
+        self._rewrite(rows)
+
+    def _rewrite(self, rows):
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS)
+                w.writeheader()
+                # "nonfinite" was called "skipped" before; an older run's rows keep their flags.
+                w.writerows({k: r.get(k, r.get(_RENAMED.get(k), "")) for k in FIELDS} for r in rows)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        except OSError as e:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise MetricsWriteError(f"cannot rewrite {self.path} ({e.strerror or e}); its {len(rows)} rows are "
+                                    "kept as they were") from e
+
     def log(self, row):
         if not self.enabled:
             return
-        self._csv.writerow({k: row.get(k, "") for k in FIELDS})
-        self._file.flush()
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=FIELDS).writerow({k: row.get(k, "") for k in FIELDS})
+        line = buf.getvalue()
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as e:
+            self._cut_back()
+            raise MetricsWriteError(f"cannot append step {row.get('step')}'s row to {self.path} "
+                                    f"({e.strerror or e}); the rows before it are kept") from e
+        self._size += len(line.encode())
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and v == v:
                     self._tb.add_scalar(f"train/{k}", v, row["step"])
 
-    def close(self):
-        if self.enabled:
+    def _cut_back(self):
+        """Drop a partly written row, so the file ends on a whole row (truncating needs no free space)."""
+        try:
             self._file.close()
+        except OSError:
+            pass  # the buffered rest of the row could not be flushed either: it is dropped below
+        try:
+            os.truncate(self.path, self._size)
+        except OSError:
+            pass
+        self._file = open(self.path, "a", newline="")
+
+    def close(self):
+        if self.enabled and self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                self._cut_back()
+                self._file.close()
             if self._tb is not None:
                 self._tb.close()
 
