@@ -91,3 +91,11 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLossError, match="weights are not finite"):
         train(cfg(tmp_path / "run", "train.steps=4", "train.checkpoint_every=2"))
     assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").endswith("step_00000002")
+
+
+def test_resuming_with_another_worker_count_is_allowed_and_identical(tmp_path):
+    full = train(cfg(tmp_path / "full", "train.steps=4", "train.checkpoint_every=2"))
+    part = tmp_path / "part"
+    train(cfg(part, "train.steps=4", "train.checkpoint_every=2"), max_steps=2)
+    train(cfg(part, "train.steps=4", "train.checkpoint_every=2", "data.num_workers=1"))
+    assert losses(part) == losses(full)

@@ -8,7 +8,8 @@ import torch
 
 
 def _to(batch, device, non_blocking):
-    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+    # Only the pixels go to the device; labels and positions stay on the host, where the step reads them.
+    return {**batch, "images": batch["images"].to(device, non_blocking=non_blocking)}
 
 
 class DevicePrefetcher:
@@ -36,9 +37,7 @@ class DevicePrefetcher:
             self._next = self._fetch()
         _, batch = self._next
         torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
-        for v in batch.values():
-            if torch.is_tensor(v):
-                v.record_stream(torch.cuda.current_stream(self.device))  # allocated on the copy stream
+        batch["images"].record_stream(torch.cuda.current_stream(self.device))  # allocated on the copy stream
         self._next = self._fetch()
         return batch
 

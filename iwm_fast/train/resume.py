@@ -6,6 +6,9 @@ from .config import ConfigError, load_config, to_dict
 
 # Sections whose change makes a checkpoint unusable (shapes) or its continuation a different run.
 RESUME_KEYS = ("model", "predictor", "data", "masks", "augment", "train.seed", "train.batch_size", "train.loss")
+# Fields of those sections that do not change the result: the loader's worker count only spreads the same
+# decoding over more processes (the shard reader, whose order does depend on it, refuses the change itself).
+IGNORED = {"data": ("num_workers",)}
 
 
 class ResumeError(ValueError):
@@ -44,6 +47,8 @@ def check_resumable(cfg, run_dir):
         a, b = saved[section], now[section]
         if field:
             a, b = a[field], b[field]
+        else:
+            a, b = ({k: v for k, v in s.items() if k not in IGNORED.get(section, ())} for s in (a, b))
         if a != b:
             diffs.append(f"{key}: {a!r} in the run, {b!r} now")
     if diffs:
