@@ -197,7 +197,7 @@ def test_unreadable_files_counted_once_over_epochs_and_ranks(tmp_path):
             ds = ImageFolder(root, image_size=8, seed=1)
             bad = {i for i, (p, _) in enumerate(ds.samples) if "broken" in p or "truncated" in p}
             loader, sampler = build_loader(ds, 2, rank=rank, world_size=2, seed=3)
-            for epoch in range(4):
+            for _ in range(4):  # epochs
                 for batch in loader:
                     total += batch["num_skipped"]
                     if "skipped_indices" in batch:

@@ -48,7 +48,7 @@ def test_converter_writes_every_file_once_with_its_label(shard_dir):
             source[(shard_dir / "folder" / cls / f).read_bytes()] = int(cls[1])
     seen = []
     for s in shards:
-        for _, key, group in read_samples(str(out / s)):
+        for _, _, group in read_samples(str(out / s)):
             image = group.get("jpg", group.get("png"))
             assert source[image] == int(group["cls"])
             seen.append(image)

@@ -4,7 +4,7 @@ The engine (``train.data.BatchStream``) and the evaluation (``train.evaluate``) 
 so a new source is one ``register`` call. Registered: ``digits``, ``imagefolder``, ``shards``.
 """
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -170,7 +170,8 @@ def _flatten(d, prefix=""):
 
 
 def apply_overrides(cfg, overrides):
-    """Apply ``key=value`` strings; values are parsed as YAML (``train.steps=100``, ``masks.target_scale=[0.1,0.2]``)."""
+    """Apply ``key=value`` strings; values are parsed as YAML (``train.steps=100``,
+    ``masks.target_scale=[0.1,0.2]``)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
