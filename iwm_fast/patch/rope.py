@@ -52,14 +52,19 @@ class RopeSpec:
     grid_size: int
 
 
+def _rope_kind(module):
+    """'RoPEAttention' / 'ACRoPEAttention' when the module's class or one of its bases has that name, else None."""
+    return next((c.__name__ for c in type(module).__mro__ if c.__name__ in ROPE_CLASSES), None)
+
+
 def is_vjepa2_rope(module):
-    return type(module).__name__ in ROPE_CLASSES
+    return _rope_kind(module) is not None
 
 
 def inspect_rope(module):
     """RopeSpec of a V-JEPA 2 rotary attention module, or raise Unsupported with the reason."""
-    kind = type(module).__name__
-    why = f"rotary embedding present (class {kind}): "
+    kind = _rope_kind(module)
+    why = f"rotary embedding present (class {type(module).__name__}): "
     qkv, proj = _linear(module, "qkv"), _linear(module, "proj")
     dim = qkv.in_features
     if qkv.out_features != 3 * dim or proj.in_features != dim:
