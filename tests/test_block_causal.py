@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from iwm_fast.ops import attention
 
 F16, F32 = torch.float16, torch.float32
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels: on the GPU, or interpreted on the CPU
 
 
 def _frame_mask(n, frame):
@@ -22,7 +23,7 @@ def _frame_mask(n, frame):
 
 def _reference(q, k, v, frame, key_lengths=None):
     n = q.shape[-2]
-    mask = _frame_mask(n, frame).expand(q.shape[0], 1, n, n).clone()
+    mask = _frame_mask(n, frame).to(q.device).expand(q.shape[0], 1, n, n).clone()
     if key_lengths is not None:
         for b, kl in enumerate(key_lengths.tolist()):
             mask[b, :, :, kl:] = False
@@ -41,7 +42,7 @@ def _err(a, b):
 
 def _inputs(B, H, N, D, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(4)]
+    return [torch.randn(B, H, N, D, generator=g).to(DEV, dtype) for _ in range(4)]
 
 
 def _check(q, k, v, do, frame, backend, key_lengths=None):
@@ -82,7 +83,7 @@ def test_triton_block_causal_matches_float64(B, H, N, D, frame, dtype):
 
 def test_triton_block_causal_with_key_lengths():
     q, k, v, do = _inputs(3, 2, 40, 16, F32, seed=1)
-    key_lengths = torch.tensor([40, 13, 0])
+    key_lengths = torch.tensor([40, 13, 0], device=DEV)
     _check(q, k, v, do, 6, "triton", key_lengths)
     out = attention(q, k, v, block_causal=6, key_lengths=key_lengths, backend="triton")
     assert torch.equal(out[2], torch.zeros_like(out[2]))
@@ -92,7 +93,7 @@ def test_triton_block_causal_with_key_lengths():
 def test_pytorch_backends_block_causal(backend):
     q, k, v, do = _inputs(2, 2, 29, 16, F32, seed=2)
     _check(q, k, v, do, 5, backend)
-    _check(q, k, v, do, 5, backend, torch.tensor([29, 0]))
+    _check(q, k, v, do, 5, backend, torch.tensor([29, 0], device=DEV))
 
 
 def test_frame_of_one_is_causal_attention():

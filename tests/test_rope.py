@@ -15,11 +15,12 @@ import torch
 from iwm_fast.ops import apply_rope, grid_positions, rope_attention, vjepa2_axes
 
 F16, F32 = torch.float16, torch.float32
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels: on the GPU, or interpreted on the CPU
 
 
 def _freqs(axis_dim, layout, base, dtype):
     half = axis_dim // 2
-    omega = base ** (-torch.arange(half, dtype=torch.float64) / half)
+    omega = base ** (-torch.arange(half, dtype=torch.float64, device=DEV) / half)
     per_channel = torch.cat([omega, omega]) if layout == "vjepa2" else omega.repeat_interleave(2)
     return per_channel.to(dtype)
 
@@ -56,7 +57,7 @@ def _positions(B, N, grid, seed):
     g = torch.Generator().manual_seed(seed)
     total = torch.tensor(grid).prod().item()
     ids = torch.stack([torch.randperm(total, generator=g)[:N].sort().values for _ in range(B)])
-    return grid_positions(ids, grid)
+    return grid_positions(ids, grid).to(DEV)
 
 
 def _check(got, lowp, want, name, D):
@@ -72,7 +73,7 @@ def test_rope_attention_matches_float64(D, layout, dtype):
     B, H, N, grid = 2, 2, 37, (3, 4, 5)
     axes = vjepa2_axes(D)
     g = torch.Generator().manual_seed(D)
-    q, k, v, do = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(4))
+    q, k, v, do = (torch.randn(B, H, N, D, generator=g).to(DEV, dtype) for _ in range(4))
     pos = _positions(B, N, grid, seed=D)
     leaves = [_leaf(t) for t in (q, k, v)]
     out = rope_attention(*leaves, pos, axes=axes, layout=layout, backend="triton")
@@ -94,7 +95,7 @@ def test_rope_attention_matches_float64(D, layout, dtype):
 def test_apply_rope_1d_2d_3d_and_its_gradient(backend, axes, grid, layout):
     B, H, N, D = 2, 3, 23, 33  # odd head dim: the last channel has no partner
     g = torch.Generator().manual_seed(len(axes))
-    x, dy = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
+    x, dy = torch.randn(B, H, N, D, generator=g).to(DEV), torch.randn(B, H, N, D, generator=g).to(DEV)
     pos = _positions(B, N, grid, seed=1)
     xl = _leaf(x)
     y = apply_rope(xl, pos, axes=axes, layout=layout, base=100.0, backend=backend)
@@ -109,10 +110,10 @@ def test_apply_rope_1d_2d_3d_and_its_gradient(backend, axes, grid, layout):
 def test_masked_subset_rotates_by_its_grid_positions():
     # Rotating the whole 2x3x4 clip and keeping a subset equals rotating the subset at its own positions.
     B, H, D, grid = 2, 2, 40, (2, 3, 4)
-    x = torch.randn(B, H, 24, D)
-    ids = torch.tensor([[0, 5, 6, 13, 23], [2, 3, 11, 12, 20]])
+    x = torch.randn(B, H, 24, D, device=DEV)
+    ids = torch.tensor([[0, 5, 6, 13, 23], [2, 3, 11, 12, 20]], device=DEV)
     axes = vjepa2_axes(D)
-    full = apply_rope(x, grid_positions(torch.arange(24), grid), axes=axes, backend="triton")
+    full = apply_rope(x, grid_positions(torch.arange(24, device=DEV), grid), axes=axes, backend="triton")
     sub = torch.stack([x[b, :, ids[b]] for b in range(B)])
     got = apply_rope(sub, grid_positions(ids, grid), axes=axes, backend="triton")
     want = torch.stack([full[b, :, ids[b]] for b in range(B)])
@@ -128,8 +129,8 @@ def test_grid_positions_and_vjepa2_axes():
 def test_opcheck_rope_op():
     from iwm_fast.ops.rope import rope_op, rope_tables
 
-    axis, inv_freq = rope_tables(20, (6, 6, 6), "vjepa2")
-    x = _leaf(torch.randn(1, 2, 9, 20))
+    axis, inv_freq = rope_tables(20, (6, 6, 6), "vjepa2", device=DEV)
+    x = _leaf(torch.randn(1, 2, 9, 20, device=DEV))
     pos = _positions(1, 9, (2, 3, 3), seed=3)
     for transpose in (False, True):
         torch.library.opcheck(rope_op, (x, pos, axis, inv_freq, transpose),
@@ -143,7 +144,7 @@ def test_torch_compile_fullgraph_traces_rope_attention():
     def f(q, k, v):
         return rope_attention(q, k, v, pos, axes=(6, 6, 6), backend="triton", block_causal=4)
 
-    q, k, v = (torch.randn(1, 2, 11, 24) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 11, 24, device=DEV) for _ in range(3))
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     leaves_c, leaves_e = [_leaf(t) for t in (q, k, v)], [_leaf(t) for t in (q, k, v)]
     yc, ye = compiled(*leaves_c), f(*leaves_e)
@@ -154,8 +155,8 @@ def test_torch_compile_fullgraph_traces_rope_attention():
         assert _err(a.grad, b.grad) < 1e-6
 
 
-def test_auto_on_cpu_matches_triton():
-    q, k, v = (torch.randn(2, 2, 13, 24) for _ in range(3))
+def test_auto_matches_triton():
+    q, k, v = (torch.randn(2, 2, 13, 24, device=DEV) for _ in range(3))
     pos = _positions(2, 13, (13,), seed=5)
     a = rope_attention(q, k, v, pos, axes=(16,), backend="auto")
     b = rope_attention(q, k, v, pos, axes=(16,), backend="triton")
@@ -184,8 +185,8 @@ def test_matches_vjepa2_rotate_queries_or_keys():
     sys.path.insert(0, os.environ["VJEPA2_SRC"])
     from src.models.utils.modules import rotate_queries_or_keys
 
-    x = torch.randn(2, 3, 40, 20)
-    ids = torch.randint(0, 9, (2, 40))
+    x = torch.randn(2, 3, 40, 20, device=DEV)
+    ids = torch.randint(0, 9, (2, 40), device=DEV)
     want = rotate_queries_or_keys(x, ids[:, None].repeat(1, 3, 1))
     for backend in ("torch", "triton"):
         got = apply_rope(x, ids[..., None], axes=(20,), backend=backend)

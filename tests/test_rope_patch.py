@@ -21,10 +21,22 @@ import torch.nn.functional as F
 from iwm_fast.patch import patch_model, unpatch_model
 
 
+@pytest.fixture(autouse=True)
+def _device():
+    # The Triton kernels run on the GPU when there is one (interpreted on the CPU otherwise): build the models
+    # and inputs there.
+    if torch.cuda.is_available():
+        torch.set_default_device("cuda")
+        yield
+        torch.set_default_device(None)
+    else:
+        yield
+
+
 def _turn(x, pos):
     """V-JEPA 2's rotation of x [..., N, d] by positions pos [..., N] (float32 angles, repeated half-frequencies)."""
     d = x.shape[-1]
-    omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=x.dtype) / (d / 2))
+    omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=x.dtype, device=x.device) / (d / 2))
     theta = pos.to(x.dtype)[..., None] * omega
     cos, sin = theta.cos(), theta.sin()
     cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
@@ -160,7 +172,8 @@ class ACPredictor(nn.Module):
 # ---- the cases: (model, inputs) --------------------------------------------------------------------------
 def _ids(B, total, n, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(total, generator=g)[:n].sort().values for _ in range(B)])
+    ids = [torch.randperm(total, generator=g, device="cpu")[:n].sort().values for _ in range(B)]
+    return torch.stack(ids).to(torch.get_default_device())
 
 
 CASES = {

@@ -320,13 +320,14 @@ def _rebuild(original, backend, verify_calls, training):
 
 def _probe_calls(spec, device, dtype, gen):
     """Arguments shaped like V-JEPA 2's real calls, on a small grid: (label, args)."""
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(device, dtype)
+    def rand(*shape):  # drawn on the CPU (the generator's device), whatever the default device
+        return torch.randn(*shape, generator=gen, device="cpu").to(device, dtype)
 
     gs = spec.grid_size
     if spec.kind == "RoPEAttention":
         T, H, W = 2, 3, 4
-        ids = torch.stack([torch.randperm(T * H * W, generator=gen)[:10].sort().values for _ in range(2)])
+        ids = torch.stack([torch.randperm(T * H * W, generator=gen, device="cpu")[:10].sort().values
+                           for _ in range(2)])
         return [("encoder, full clip", (rand(2, T * H * W, spec.dim), None, None, T, H, W)),
                 ("encoder/predictor, masked tokens", (rand(2, 10, spec.dim), ids.to(device), None, T, H, W)),
                 ("image, grid_size positions", (rand(1, gs * gs, spec.dim), None, None, None, None, None))]
