@@ -19,8 +19,9 @@ from .attention import _interpreting
 
 
 def _block_rows(d):
-    # About 4K elements per program: enough loads in flight to stream at bandwidth, few registers per thread.
-    return max(1, min(64, 4096 // triton.next_power_of_2(d)))
+    # About 2K elements per tile: with cos and sin kept in registers across the head loop (2 x 16 fp32 per thread
+    # at 4 warps) plus x and its partner, no spills; B * N / rows programs fill the GPU at V-JEPA 2's sizes.
+    return max(1, min(64, 2048 // triton.next_power_of_2(d)))
 
 
 @triton.jit
@@ -30,42 +31,42 @@ def _rope_kernel(X, Y, POS, AXIS, INV_FREQ,
                  stride_pb, stride_pn, stride_pa,
                  H, N,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TRANSPOSE: tl.constexpr):
+    # One program per (sample, block of tokens), looping over the heads: every head of a token turns by the same
+    # angles, so the sines and cosines are computed once for all heads.
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
-    bh = pid // n_tiles
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b = (pid // n_tiles).to(tl.int64)
     rows = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     partner = cols ^ 1
     row_ok = rows < N
-    col_ok = cols < HEAD_DIM
-    partner_ok = partner < HEAD_DIM
-    ok = row_ok[:, None] & col_ok[None, :]
+    ok = row_ok[:, None] & (cols < HEAD_DIM)[None, :]
+    ok_p = row_ok[:, None] & (partner < HEAD_DIM)[None, :]
+    rows64 = rows.to(tl.int64)
 
-    x_base = X + b * stride_xb + h * stride_xh + rows.to(tl.int64)[:, None] * stride_xn
-    x = tl.load(x_base + cols[None, :] * stride_xd, mask=ok, other=0.0).to(tl.float32)
-    # The partner column of the same rows: the same cache lines as x, so this second load costs no DRAM traffic.
-    xp = tl.load(x_base + partner[None, :] * stride_xd, mask=row_ok[:, None] & partner_ok[None, :],
-                 other=0.0).to(tl.float32)
-
-    axis = tl.load(AXIS + cols, mask=col_ok, other=0)
-    inv_freq = tl.load(INV_FREQ + cols, mask=col_ok, other=0.0)
-    pos_base = POS + b * stride_pb + rows.to(tl.int64)[:, None] * stride_pn
-    pos = tl.load(pos_base + axis[None, :] * stride_pa, mask=ok, other=0.0)
-    sign = tl.where((cols % 2) == 0, -1.0, 1.0)
-    theta = pos * inv_freq[None, :]
-    if TRANSPOSE:
-        axis_p = tl.load(AXIS + partner, mask=partner_ok, other=0)
-        inv_freq_p = tl.load(INV_FREQ + partner, mask=partner_ok, other=0.0)
-        pos_p = tl.load(pos_base + axis_p[None, :] * stride_pa, mask=row_ok[:, None] & partner_ok[None, :],
-                        other=0.0)
-        y = x * tl.cos(theta) - sign[None, :] * xp * tl.sin(pos_p * inv_freq_p[None, :])
+    pos_base = POS + b * stride_pb + rows64[:, None] * stride_pn
+    axis = tl.load(AXIS + cols, mask=cols < HEAD_DIM, other=0)
+    inv_freq = tl.load(INV_FREQ + cols, mask=cols < HEAD_DIM, other=0.0)
+    theta = tl.load(pos_base + axis[None, :] * stride_pa, mask=ok, other=0.0) * inv_freq[None, :]
+    cos = tl.cos(theta)
+    # sign_c: -1 for even c (y_c = x_c cos - x_(c+1) sin), +1 for odd c.
+    sign = tl.where((cols % 2) == 0, -1.0, 1.0)[None, :]
+    if TRANSPOSE:  # dx_c = g_c cos(theta_c) - sign_c g_(c^1) sin(theta_(c^1))
+        axis_p = tl.load(AXIS + partner, mask=partner < HEAD_DIM, other=0)
+        inv_freq_p = tl.load(INV_FREQ + partner, mask=partner < HEAD_DIM, other=0.0)
+        theta_p = tl.load(pos_base + axis_p[None, :] * stride_pa, mask=ok_p, other=0.0) * inv_freq_p[None, :]
+        sin = -sign * tl.sin(theta_p)
     else:
-        y = x * tl.cos(theta) + sign[None, :] * xp * tl.sin(theta)
+        sin = sign * tl.sin(theta)
 
-    y_ptrs = Y + b * stride_yb + h * stride_yh + rows.to(tl.int64)[:, None] * stride_yn + cols[None, :] * stride_yd
-    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=ok)
+    for h in range(0, H):
+        x_base = X + b * stride_xb + h * stride_xh + rows64[:, None] * stride_xn
+        x = tl.load(x_base + cols[None, :] * stride_xd, mask=ok, other=0.0).to(tl.float32)
+        # The partner column of the same rows: the same cache lines as x, so no extra DRAM traffic.
+        xp = tl.load(x_base + partner[None, :] * stride_xd, mask=ok_p, other=0.0).to(tl.float32)
+        y = x * cos + xp * sin
+        y_ptrs = Y + b * stride_yb + h * stride_yh + rows64[:, None] * stride_yn + cols[None, :] * stride_yd
+        tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=ok)
 
 
 def rope_apply(x, pos, axis, inv_freq, transpose=False, out=None):
@@ -78,7 +79,7 @@ def rope_apply(x, pos, axis, inv_freq, transpose=False, out=None):
         return out
     block_n = _block_rows(D) if not _interpreting() else 16
     stride_pb = pos.stride(0) if pos.shape[0] != 1 else 0
-    grid = (triton.cdiv(N, block_n) * B * H,)
+    grid = (triton.cdiv(N, block_n) * B,)
     _rope_kernel[grid](x, out, pos, axis, inv_freq, *x.stride(), *out.stride(), stride_pb, pos.stride(1),
                        pos.stride(2), H, N, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=block_n,
                        TRANSPOSE=transpose)
