@@ -114,19 +114,15 @@ def rope_tables(head_dim, axes, layout="vjepa2", base=10000.0, device="cpu"):
 
 # ---- the rotation: PyTorch and the Triton kernel as a custom op ----------------------------------------
 
-def _rope_torch(x, pos, axis, inv_freq, transpose=False):
+def _rope_torch(x, pos, axis, inv_freq):
+    """The rotation in PyTorch (autograd gives its transpose): float32 angles, as V-JEPA 2 computes them."""
     D = x.shape[-1]
-    partner = torch.arange(D, device=x.device) ^ 1
-    partner = torch.where(partner < D, partner, torch.arange(D, device=x.device))  # odd D: last channel alone
+    channels = torch.arange(D, device=x.device)
+    partner = torch.where((channels ^ 1) < D, channels ^ 1, channels)  # odd D: the last channel has no partner
     theta = pos[:, None].index_select(-1, axis.long()) * inv_freq  # [B or 1, 1, N, D]
-    sign = torch.where(torch.arange(D, device=x.device) % 2 == 0, -1.0, 1.0)
+    sign = torch.where(channels % 2 == 0, -1.0, 1.0)
     xf = x.float()
-    xp = xf.index_select(-1, partner) * sign
-    if transpose:  # dx_j = g_j cos(theta_j) - sign_j g_(j^1) sin(theta_(j^1))
-        y = xf * theta.cos() - xp * theta.index_select(-1, partner).sin()
-    else:
-        y = xf * theta.cos() + xp * theta.sin()
-    return y.to(x.dtype)
+    return (xf * theta.cos() + xf.index_select(-1, partner) * sign * theta.sin()).to(x.dtype)
 
 
 @torch.library.custom_op("iwm_fast::rope", mutates_args=())
