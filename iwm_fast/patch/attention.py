@@ -3,7 +3,8 @@
 A module is replaced only when every part of it is understood: a fused ``qkv`` Linear of width 3*dim, a ``proj``
 Linear, a head count, and only submodules whose role is known (q_norm, k_norm, norm, attn_drop, proj_drop or an
 Identity). Anything else (a separate q/v bias, rotary or relative position terms, extra forward arguments, hooks,
-attention dropout) leaves the module alone with the reason. A probe then runs the original and the replacement on
+attention dropout) leaves the module alone with the reason; V-JEPA 2's rotary modules have their own stand-in
+(``patch/rope.py``). A probe then runs the original and the replacement on
 the same random input and refuses the replacement if their outputs differ, so a look-alike is never mis-patched.
 """
 import contextlib
