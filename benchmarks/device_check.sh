@@ -11,7 +11,8 @@
 #      a failed build is logged and the run goes on with the Python fallback;
 #   4. the kernel tests on CUDA (bf16 included; TRITON_INTERPRET unset, so Triton compiles for the GPU);
 #   5. `python3 -m iwm_fast.bench.run --quick --device cuda --out OUT_DIR`: e2e first (the headline), attention
-#      last (its autotuning is the long pole; a time limit keeps the shapes it finished);
+#      last (its autotuning is the long pole; a time limit keeps the shapes it finished); its quick set ends
+#      with two rotary rows (V-JEPA 2 ViT-L at N = 2048, and the frame-causal AC predictor at N = 2064);
 #   6. the rest of the test suite with the time left.
 # OUT_DIR gets, flat: device_check.log, the run's CSV, _summary.md, _speedup.png and _e2e.png.
 # The last lines printed are a table of the stages and the benchmark's short table.
@@ -138,8 +139,8 @@ print('extension loaded:', _ops.HAS_EXT, '| CUDA op:', _ops.cuda_available_in_ex
 PYTEST_ARGS=(-q -p no:cacheprovider -rfEs --durations=10)
 "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout=120)
 if [ -z "$KERNEL_TESTS" ]; then
-    for f in tests/test_attention.py tests/test_gather.py tests/test_ema.py tests/test_masks.py \
-             tests/test_masks_ext.py tests/test_models.py; do
+    for f in tests/test_attention.py tests/test_block_causal.py tests/test_rope.py tests/test_rope_patch.py \
+             tests/test_gather.py tests/test_ema.py tests/test_masks.py tests/test_masks_ext.py tests/test_models.py; do
         [ -f "$f" ] && KERNEL_TESTS="$KERNEL_TESTS $f"
     done
 fi

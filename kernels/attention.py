@@ -1,4 +1,5 @@
-"""Fused non-causal attention (FlashAttention-2 algorithm) in Triton, tuned for short ViT sequences.
+"""Fused attention (FlashAttention-2 algorithm) in Triton, tuned for short ViT sequences; non-causal, or
+block-causal (V-JEPA 2-AC's frame-causal mask: query i sees key j iff j // FRAME <= i // FRAME).
 
 Layout is [B, H, N, D] with arbitrary strides. Forward: online softmax over key blocks, fp32 accumulation,
 saves the natural-log log-sum-exp (LSE) per query row. Backward: one kernel walks key blocks for each
@@ -8,6 +9,11 @@ the scale folded into log2(e).
 
 Shapes handled without caller padding: any Nq and Nk (tails masked), head dims up to 256, optional per-sample
 key lengths (keys at index >= key_lengths[b] are ignored; a row with no keys gives zeros and zero gradients).
+
+Block-causal mode (CAUSAL, a constexpr, so the non-causal kernels compile exactly as before): each row's
+visible keys are a prefix, so the loops stop at the last visible key tile (fully masked tiles are never
+loaded), run unmasked over the tiles every row of the program sees, and mask only the tiles in between; the
+dK/dV kernel likewise starts at the first query tile that sees its keys. FRAME = 1 is ordinary causal attention.
 
 Head dims: Triton tiles are powers of two, so a head dim D is covered either by one tile padded to the next
 power of two, or split in two tiles (the largest power of two <= D, plus the remainder rounded up to a power of
@@ -122,7 +128,7 @@ def _prune(spaces, own_rows_key, streamed_rows_key, own_name, streamed_name):
 
 
 # BLOCK_D tells the padded and split tilings of one head dim apart, so each gets its own tuned tiles.
-_TUNE_KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "BLOCK_D"]
+_TUNE_KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "BLOCK_D", "CAUSAL"]
 _PRUNE_FWD = _prune(_FWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")
 _PRUNE_DKDV = _prune(_BWD_SPACES, "N_K_KEY", "N_Q_KEY", "BLOCK_N", "BLOCK_M")
 _PRUNE_DQ = _prune(_BWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")
@@ -233,14 +239,31 @@ def _key_length(KL, b, N_K, HAS_KL: tl.constexpr):
     return kv_len
 
 
+@triton.jit
+def _causal_key_limits(pid_m, offs_m, kv_len, N_Q, FRAME, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """(per-row end of visible keys, min over the tile's rows, max over them). Block-causal with FRAME tokens
+    per block: query i sees key j iff j // FRAME <= i // FRAME (and j < kv_len). Non-causal: all kv_len."""
+    if CAUSAL:
+        lim = tl.minimum((offs_m // FRAME + 1) * FRAME, kv_len)
+        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, N_Q) - 1
+        lo = tl.minimum(((pid_m * BLOCK_M) // FRAME + 1) * FRAME, kv_len)
+        hi = tl.minimum((last // FRAME + 1) * FRAME, kv_len)
+    else:
+        lim = kv_len
+        lo = kv_len
+        hi = kv_len
+    return lim, lo, hi
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n, kv_len, qk_scale,
+def _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n, kv_len, lim, qk_scale,
                m_i, l_i, acc_a, acc_b, offs_n,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
-               BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+               BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+               CAUSAL: tl.constexpr):
     cols = start_n + offs_n
     k_a, k_b = _load_tile(k_base, cols, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
                           MASK_N, ALIGN)
@@ -248,8 +271,12 @@ def _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride
                           MASK_N, ALIGN)
     s = _dot_nt(q_a, q_b, k_a, k_b, SPLIT, PRECISION) * qk_scale
     if MASK_N:
-        s = tl.where(cols[None, :] < kv_len, s, float("-inf"))
-    # Every processed block holds at least one valid key, so m_new is finite and alpha never NaN.
+        if CAUSAL:  # lim: each row's own end of visible keys
+            s = tl.where(cols[None, :] < lim[:, None], s, float("-inf"))
+        else:
+            s = tl.where(cols[None, :] < kv_len, s, float("-inf"))
+    # Every processed block holds at least one valid key, so m_new is finite and alpha never NaN. Block-causal:
+    # a row may see no key of a later block, but every row saw key 0 in the first block, so m_i is finite.
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -269,9 +296,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_ob, stride_oh, stride_on, stride_od,
-                     H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
+                     H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY, FRAME,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
-                     HAS_KL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+                     HAS_KL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr, CAUSAL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh, b64, h64 = _tile_of_head(N_Q, BLOCK_M, H)
     q_base = _head(Q, b64, h64, stride_qb, stride_qh, ALIGN)
@@ -290,15 +317,20 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
-    n_full = (kv_len // BLOCK_N) * BLOCK_N
+    # Keys below lo are visible to every row of the tile (no mask); keys in [lo, hi) to some rows (masked);
+    # key tiles at or past hi are visible to none and never loaded.
+    lim, lo, hi = _causal_key_limits(pid_m, offs_m, kv_len, N_Q, FRAME, BLOCK_M, CAUSAL)
+    n_full = (lo // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc_a, acc_b = _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                            start_n, kv_len, qk_scale, m_i, l_i, acc_a, acc_b, offs_n,
-                                            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, False, PRECISION, ALIGN)
-    for start_n in range(n_full, kv_len, BLOCK_N):  # at most one masked tail block
+                                            start_n, kv_len, lim, qk_scale, m_i, l_i, acc_a, acc_b, offs_n,
+                                            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, False, PRECISION, ALIGN,
+                                            CAUSAL)
+    for start_n in range(n_full, hi, BLOCK_N):  # non-causal: at most one masked tail block
         m_i, l_i, acc_a, acc_b = _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                            start_n, kv_len, qk_scale, m_i, l_i, acc_a, acc_b, offs_n,
-                                            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, True, PRECISION, ALIGN)
+                                            start_n, kv_len, lim, qk_scale, m_i, l_i, acc_a, acc_b, offs_n,
+                                            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, True, PRECISION, ALIGN,
+                                            CAUSAL)
 
     # A row with no keys (kv_len == 0) has l_i == 0: output zeros and LSE = +inf, which makes the
     # backward's probabilities exp(s - inf) = 0, hence zero gradients instead of NaN.
@@ -315,9 +347,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_base, delta_base,
-                stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid, offs_m,
+                stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid, first_query, offs_m,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
-                BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+                BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+                CAUSAL_M: tl.constexpr):
     rows = start_m + offs_m
     q_a, q_b = _load_tile(q_base, rows, stride_qn, stride_qd, N_Q, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
                           MASK_M, ALIGN)
@@ -332,7 +365,10 @@ def _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse
         delta = tl.load(delta_base + rows)
     s_t = _dot_nt(k_a, k_b, q_a, q_b, SPLIT, PRECISION)
     p_t = tl.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
-    p_t = tl.where(key_valid[:, None], p_t, 0.0)
+    if CAUSAL_M:  # first_query: the first query row that sees each key
+        p_t = tl.where(key_valid[:, None] & (rows[None, :] >= first_query[:, None]), p_t, 0.0)
+    else:
+        p_t = tl.where(key_valid[:, None], p_t, 0.0)
     dv_a, dv_b = _dot_acc(p_t, do_a, do_b, dv_a, dv_b, SPLIT, PRECISION)
     dp_t = _dot_nt(v_a, v_b, do_a, do_b, SPLIT, PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -350,10 +386,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
                           stride_dob, stride_doh, stride_don, stride_dod,
                           stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                           stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                          H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
+                          H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY, FRAME,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
                           SPLIT: tl.constexpr, HAS_KL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                          CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_n, bh, b64, h64 = _tile_of_head(N_K, BLOCK_N, H)
     kv_len = _key_length(KL, b64, N_K, HAS_KL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -376,16 +412,32 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
     # A key block lying wholly in the padding gets no queries: its dK and dV stay zero.
     q_stop = tl.where(pid_n * BLOCK_N < kv_len, N_Q, 0)
     m_full = (q_stop // BLOCK_M) * BLOCK_M
-    for start_m in range(0, m_full, BLOCK_M):
+    if CAUSAL:
+        # Query tiles before the key tile's first block see none of its keys and are skipped; those before
+        # the block of its last valid key see only some of them (masked); the rest see all of them.
+        first_query = (offs_n // FRAME) * FRAME
+        last_key = tl.minimum(pid_n * BLOCK_N + BLOCK_N, kv_len) - 1
+        m_begin = (((pid_n * BLOCK_N) // FRAME) * FRAME // BLOCK_M) * BLOCK_M
+        m_open = tl.cdiv((tl.maximum(last_key, 0) // FRAME) * FRAME, BLOCK_M) * BLOCK_M
+        for start_m in range(m_begin, tl.minimum(m_open, q_stop), BLOCK_M):
+            dk_a, dk_b, dv_a, dv_b = _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base,
+                                                 lse_base, delta_base, stride_qn, stride_qd, stride_don, stride_dod,
+                                                 start_m, N_Q, qk_scale, key_valid, first_query, offs_m, HEAD_DIM,
+                                                 BLOCK_D, BLOCK_D2, SPLIT, BLOCK_M, True, PRECISION, ALIGN, True)
+        m_rest = tl.maximum(m_open, m_begin)
+    else:
+        first_query = offs_n
+        m_rest = 0
+    for start_m in range(m_rest, m_full, BLOCK_M):
         dk_a, dk_b, dv_a, dv_b = _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_base,
                                              delta_base, stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q,
-                                             qk_scale, key_valid, offs_m, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
-                                             BLOCK_M, False, PRECISION, ALIGN)
-    for start_m in range(m_full, q_stop, BLOCK_M):
+                                             qk_scale, key_valid, first_query, offs_m, HEAD_DIM, BLOCK_D, BLOCK_D2,
+                                             SPLIT, BLOCK_M, False, PRECISION, ALIGN, False)
+    for start_m in range(tl.maximum(m_full, m_rest), q_stop, BLOCK_M):
         dk_a, dk_b, dv_a, dv_b = _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_base,
                                              delta_base, stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q,
-                                             qk_scale, key_valid, offs_m, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
-                                             BLOCK_M, True, PRECISION, ALIGN)
+                                             qk_scale, key_valid, first_query, offs_m, HEAD_DIM, BLOCK_D, BLOCK_D2,
+                                             SPLIT, BLOCK_M, True, PRECISION, ALIGN, False)
     _store_tile(_head(DK, b64, h64, stride_dkb, stride_dkh, ALIGN), dk_a * sm_scale, dk_b * sm_scale, offs_n,
                 stride_dkn, stride_dkd, N_K, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN)
     _store_tile(_head(DV, b64, h64, stride_dvb, stride_dvh, ALIGN), dv_a, dv_b, offs_n,
@@ -394,9 +446,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
 
 @triton.jit
 def _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, stride_kn, stride_kd, stride_vn,
-              stride_vd, start_n, kv_len, qk_scale, offs_n,
+              stride_vd, start_n, kv_len, lim, qk_scale, offs_n,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+              BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+              CAUSAL: tl.constexpr):
     cols = start_n + offs_n
     k_a, k_b = _load_tile(k_base, cols, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
                           MASK_N, ALIGN)
@@ -405,6 +458,8 @@ def _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, str
     s = _dot_nt(q_a, q_b, k_a, k_b, SPLIT, PRECISION)
     # Keys past kv_len were loaded as zero rows, so their (nonzero) p contributes ds * 0 to dq: no mask needed.
     p = tl.exp2(s * qk_scale - lse2[:, None])
+    if CAUSAL and MASK_N:  # keys a row does not see are real (nonzero) rows here
+        p = tl.where(cols[None, :] < lim[:, None], p, 0.0)
     dp = _dot_nt(do_a, do_b, v_a, v_b, SPLIT, PRECISION)
     ds = p * (dp - delta[:, None])
     return _dot_acc(ds, k_a, k_b, dq_a, dq_b, SPLIT, PRECISION)
@@ -420,9 +475,9 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
                         stride_ob, stride_oh, stride_on, stride_od,
                         stride_dob, stride_doh, stride_don, stride_dod,
                         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-                        H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY,
+                        H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY, FRAME,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
-                        HAS_KL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+                        HAS_KL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr, CAUSAL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh, b64, h64 = _tile_of_head(N_Q, BLOCK_M, H)
     kv_len = _key_length(KL, b64, N_K, HAS_KL)
@@ -448,15 +503,16 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
 
     dq_a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_b = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
-    n_full = (kv_len // BLOCK_N) * BLOCK_N
+    lim, lo, hi = _causal_key_limits(pid_m, offs_m, kv_len, N_Q, FRAME, BLOCK_M, CAUSAL)
+    n_full = (lo // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq_a, dq_b = _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, stride_kn, stride_kd,
-                               stride_vn, stride_vd, start_n, kv_len, qk_scale, offs_n,
-                               HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, False, PRECISION, ALIGN)
-    for start_n in range(n_full, kv_len, BLOCK_N):
+                               stride_vn, stride_vd, start_n, kv_len, lim, qk_scale, offs_n,
+                               HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, False, PRECISION, ALIGN, CAUSAL)
+    for start_n in range(n_full, hi, BLOCK_N):
         dq_a, dq_b = _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, stride_kn, stride_kd,
-                               stride_vn, stride_vd, start_n, kv_len, qk_scale, offs_n,
-                               HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, True, PRECISION, ALIGN)
+                               stride_vn, stride_vd, start_n, kv_len, lim, qk_scale, offs_n,
+                               HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, True, PRECISION, ALIGN, CAUSAL)
     _store_tile(_head(DQ, b64, h64, stride_dqb, stride_dqh, ALIGN), dq_a * sm_scale, dq_b * sm_scale, offs_m,
                 stride_dqn, stride_dqd, N_Q, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN)
 
@@ -508,7 +564,12 @@ def _kl_arg(key_lengths):
     return key_lengths.contiguous(), True
 
 
-def attention_forward(q, k, v, scale=None, key_lengths=None):
+def _causal_args(block_causal):
+    """(FRAME, CAUSAL) kernel arguments: block_causal = tokens per block (frame), 0 or None = non-causal."""
+    return (int(block_causal), True) if block_causal else (1, False)
+
+
+def attention_forward(q, k, v, scale=None, key_lengths=None, block_causal=0):
     """Returns (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] float32, natural log; +inf for rows with no keys).
 
     The output is laid out as [B, Nq, H, D] in memory (a permuted view), so the usual
@@ -526,12 +587,14 @@ def attention_forward(q, k, v, scale=None, key_lengths=None):
     kl, has_kl = _kl_arg(key_lengths)
     align = _row_align(q, k, v, out)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+    frame, causal = _causal_args(block_causal)
     _attn_fwd_kernel[grid](q, k, v, out, lse, kl, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                           H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), HAS_KL=has_kl, ALIGN=align, **tiles)
+                           H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), frame, HAS_KL=has_kl, ALIGN=align,
+                           CAUSAL=causal, **tiles)
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, scale=None, key_lengths=None):
+def attention_backward(do, q, k, v, out, lse, scale=None, key_lengths=None, block_causal=0):
     """Returns (dq, dk, dv), each with the shape and dtype of its input."""
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
@@ -547,14 +610,16 @@ def attention_backward(do, q, k, v, out, lse, scale=None, key_lengths=None):
     kl, has_kl = _kl_arg(key_lengths)
     align = _row_align(q, k, v, out, do, dq, dk, dv)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    frame, causal = _causal_args(block_causal)
     # dQ first: it also writes delta, which the dK/dV kernel reads.
     grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_bwd_dq_kernel[grid_q](q, k, v, out, do, lse, delta, dq, kl,
                                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
-                                H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), HAS_KL=has_kl, ALIGN=align, **tiles)
+                                H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), frame, HAS_KL=has_kl, ALIGN=align,
+                                CAUSAL=causal, **tiles)
     grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]) * B * H,)  # noqa: E731
     _attn_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, kl,
                                    *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-                                   H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), HAS_KL=has_kl, ALIGN=align,
-                                   **tiles)
+                                   H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), frame, HAS_KL=has_kl, ALIGN=align,
+                                   CAUSAL=causal, **tiles)
     return dq, dk, dv

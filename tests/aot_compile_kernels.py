@@ -25,21 +25,25 @@ import iwm_fast  # noqa: F401  (maps kernels/ to iwm_fast.kernels)
 from iwm_fast.kernels import attention as A
 from iwm_fast.kernels import ema as E
 from iwm_fast.kernels import gather as G
+from iwm_fast.kernels import rope as R
 
 
 def attention_variants():
     blocks = {A._attn_fwd_kernel: dict(BLOCK_M=64, BLOCK_N=64), A._attn_bwd_dkdv_kernel: dict(BLOCK_N=64, BLOCK_M=32),
               A._attn_bwd_dq_kernel: dict(BLOCK_M=64, BLOCK_N=32)}
-    # D = 80 both as 64 + 16 tiles and padded to 128; D = 24 has one tiling (32).
-    for dtype, head_dim, split in (("bf16", 80, True), ("bf16", 80, False), ("fp16", 24, False)):
+    # D = 80 both as 64 + 16 tiles and padded to 128; D = 24 has one tiling (32); D = 64 block-causal (V-JEPA
+    # 2-AC's predictor).
+    for dtype, head_dim, split, causal in (("bf16", 80, True, False), ("bf16", 80, False, False),
+                                           ("fp16", 24, False, False), ("bf16", 64, False, True)):
         block_d, block_d2, split = A.head_dim_tiles(head_dim, split)
         for kernel, blk in blocks.items():
             consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_D2=block_d2, SPLIT=split, HAS_KL=True,
-                          PRECISION="ieee", ALIGN=8, **blk)
+                          PRECISION="ieee", ALIGN=8, CAUSAL=causal, **blk)
             kinds = {n: f"*{dtype}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
             kinds.update(LSE="*fp32", DELTA="*fp32", KL="*i32", sm_scale="fp32")
             tiles = f"{block_d}+{block_d2}" if split else str(block_d)
-            yield f"{kernel.fn.__name__} {dtype} D={head_dim} as {tiles}", kernel.fn, kinds, consts, 4
+            mode = " block-causal" if causal else ""
+            yield f"{kernel.fn.__name__} {dtype} D={head_dim} as {tiles}{mode}", kernel.fn, kinds, consts, 4
 
 
 # Arguments a typical launch specializes as divisible by 16, per kernel (see the module docstring).
@@ -50,6 +54,10 @@ ALIGNED_ARGS = {
 
 
 def other_variants():
+    for transpose in (False, True):  # rotary forward and its transpose (the backward), bf16, head dim 88
+        yield (f"_rope_kernel bf16 D=88{' transpose' if transpose else ''}", R._rope_kernel,
+               dict(X="*bf16", Y="*bf16", POS="*fp32", AXIS="*i32", INV_FREQ="*fp32"),
+               dict(HEAD_DIM=88, BLOCK_D=128, BLOCK_N=R._block_rows(88), TRANSPOSE=transpose), 4)
     yield ("_gather_fwd_kernel bf16 +pos", G._gather_fwd_kernel,
            dict(x_ptr="*bf16", idx_ptr="*i64", pos_ptr="*bf16", out_ptr="*bf16"),
            dict(HAS_POS=True, CHECK=False, BLOCK_K=16, BLOCK_D=256, sxd=1, spd=1, sik=1), 4)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_gather_fwd_kernel",
+KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_rope_kernel", "_gather_fwd_kernel",
            "_scatter_add_rows_kernel", "_ema_kernel")
 
 
@@ -26,7 +26,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90(arch, tmp_path):
     compiled = {line.split()[0] for line in run.stdout.splitlines()}
     assert compiled == set(KERNELS), run.stdout
     lines = run.stdout.strip().splitlines()
-    assert len(lines) == 14, run.stdout  # 9 attention variants, gather, scatter, 3 EMA
+    assert len(lines) == 19, run.stdout  # 12 attention variants (3 block-causal), 2 rotary, gather, scatter, 3 EMA
     if any("sass unknown" in x for x in lines):
         pytest.skip("no cuobjdump in this Triton build to read the SASS")
     sass = {x: {k: int(v) for k, v in (kv.split(":") for kv in x.split("sass ")[-1].split())} for x in lines}

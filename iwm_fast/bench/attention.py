@@ -9,6 +9,14 @@ both measured in this run. Providers that reject a shape (e.g. SDPA flash at som
 At head dims the kernel splits into two tiles (80 = 64 + 16, see kernels/attention.py), the kernel is also
 timed with the split turned off (provider ``triton_padded_d``: one tile padded to the next power of two), and
 ``speedup_vs_padded_d`` rows give the split's gain measured in the same run.
+
+Rotary rows (V-JEPA 2's shapes, kernel ``rope_attention``): ``triton`` is ``ops.rope_attention`` (one fused
+rotary pass over q and k, then our kernel; block-causal for V-JEPA 2-AC's predictor), ``triton_rope+sdpa`` our
+rotary pass followed by SDPA (isolates the rotation), ``vjepa2_path`` the rotation as V-JEPA 2 does it in PyTorch
+(sines and cosines built on every call, per-axis slices, concatenations) followed by SDPA with its dense
+boolean mask for the AC predictor. Metrics: ``ms_fwd``/``ms_bwd``/``ms_fwdbwd`` and ``speedup_vs_vjepa2``
+(``_fwd``, ``_bwd``), all measured in this run. On the CPU these rows only check correctness
+(``max_rel_err_vs_vjepa2``: our output against the V-JEPA 2-style path).
 """
 import contextlib
 import importlib.util
@@ -18,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
-from ..ops.attention import attention
+from ..ops.attention import attention, block_causal_mask
+from ..ops.rope import apply_rope, grid_positions, rope_attention, vjepa2_axes
 
 KERNEL = "attention"
 ROWS_SO_FAR = []  # rows of the shapes finished so far: what a runner stopped at its time limit keeps
@@ -36,6 +45,18 @@ CUDA_SHAPES = [
 # Both targets (N <= 256 and N 1024) at one head dim first, then ViT-H's D = 80 with and without the split.
 CUDA_QUICK = ("vit_b16_224", "n1024_d64", "vit_h14_224")
 CPU_SHAPES = [("tiny_d24", 1, 2, 33, 24), ("tiny_d64", 1, 1, 17, 64)]
+
+ROPE_KERNEL = "rope_attention"
+# (name, B, H, D, (T, H, W) token grid, action tokens per frame). 16 frames at 256 px, tubelet 2, patch 16:
+# an 8 x 16 x 16 grid, N = 2048. The AC predictor adds 2 action tokens per frame (N = 2064) and is frame-causal.
+CUDA_ROPE_SHAPES = [
+    ("vjepa2_vitl_16f256", 4, 16, 64, (8, 16, 16), 0),    # ViT-L encoder: 16 heads of 64
+    ("vjepa2_vitg_16f256", 4, 16, 88, (8, 16, 16), 0),    # ViT-g encoder: 16 heads of 88
+    ("vjepa2_pred_16f256", 4, 12, 32, (8, 16, 16), 0),    # predictor, 384 wide: 12 heads of 32
+    ("vjepa2ac_pred_8x256", 2, 16, 64, (8, 16, 16), 2),   # V-JEPA 2-AC predictor, 1024 wide, frame-causal
+]
+CUDA_ROPE_QUICK = ("vjepa2_vitl_16f256", "vjepa2ac_pred_8x256")
+CPU_ROPE_SHAPES = [("tiny_rope_d40", 1, 2, 40, (2, 3, 4), 0), ("tiny_ac_d24", 1, 2, 24, (2, 3, 3), 2)]
 
 
 def _sdpa_backends():
@@ -148,6 +169,97 @@ def _speedup(best_ms, stats_ms):
     return tuple(best_ms / t for t in stats_ms)
 
 
+# ---- rotary rows ---------------------------------------------------------------------------------------
+
+def _vjepa2_style_rotate(x, pos, axes):
+    """The rotation as V-JEPA 2 computes it, in PyTorch: per axis, frequencies and sin/cos built on every call,
+    half-frequencies repeated across the vector, pairs turned by a stack, parts concatenated."""
+    parts, start = [], 0
+    for a, d in enumerate(axes):
+        xs = x[..., start:start + d]
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=x.dtype, device=x.device) / (d / 2.0))
+        freq = pos[..., a][..., None].to(x.dtype) * omega
+        sin, cos = freq.sin().repeat(1, 1, 2)[:, None], freq.cos().repeat(1, 1, 2)[:, None]
+        pairs = xs.unflatten(-1, (-1, 2))
+        turned = torch.stack((-pairs[..., 1], pairs[..., 0]), -1).flatten(-2)
+        parts.append(xs * cos + turned * sin)
+        start += d
+    parts.append(x[..., start:])
+    return torch.cat(parts, -1)
+
+
+def _ac_positions(grid, action_tokens, device):
+    """Positions of V-JEPA 2-AC's sequence [T, A + H*W]: action tokens (t, 0, 0), patches (t, h, w)."""
+    T, Hg, Wg = grid
+    frames = grid_positions(torch.arange(T * Hg * Wg, device=device), grid).reshape(T, Hg * Wg, 3)
+    act = torch.zeros(T, action_tokens, 3, device=device)
+    act[..., 0] = torch.arange(T, device=device, dtype=torch.float32)[:, None]
+    return torch.cat([act, frames], 1).reshape(1, -1, 3)
+
+
+def rope_providers(device, grid, action_tokens, D):
+    """({name: fn(q, k, v)}, N) for one rotary shape."""
+    T, Hg, Wg = grid
+    if action_tokens:
+        pos = _ac_positions(grid, action_tokens, device)
+        frame = action_tokens + Hg * Wg
+    else:
+        pos = grid_positions(torch.arange(T * Hg * Wg, device=device), grid)[None]
+        frame = None
+    N = pos.shape[1]
+    mask = block_causal_mask(N, N, frame, device) if frame else None
+    axes = vjepa2_axes(D)
+    found = {}
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if torch.device(device).type == "cuda" or interp:
+        found["triton"] = lambda q, k, v: rope_attention(q, k, v, pos, axes=axes, block_causal=frame,
+                                                         backend="triton")
+        found["triton_rope+sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
+            apply_rope(q, pos, axes=axes, backend="triton"), apply_rope(k, pos, axes=axes, backend="triton"), v,
+            attn_mask=mask)
+    found["vjepa2_path"] = lambda q, k, v: F.scaled_dot_product_attention(
+        _vjepa2_style_rotate(q, pos, axes), _vjepa2_style_rotate(k, pos, axes), v, attn_mask=mask)
+    return found, N
+
+
+def run_rope(device, quick, dtype, meta, rows):
+    dev_type = torch.device(device).type
+    if dev_type == "cuda":
+        by_name = {s[0]: s for s in CUDA_ROPE_SHAPES}
+        shapes = [by_name[n] for n in CUDA_ROPE_QUICK] if quick else CUDA_ROPE_SHAPES
+    else:
+        shapes = CPU_ROPE_SHAPES[-1:] if quick else CPU_ROPE_SHAPES
+    for name, B, H, D, grid, action_tokens in shapes:
+        provs, N = rope_providers(device, grid, action_tokens, D)
+        shape = f"{name}:B{B}xH{H}xN{N}xD{D}" + (f"xframe{action_tokens + grid[1] * grid[2]}" if action_tokens else "")
+        if dev_type != "cuda":  # correctness only
+            (q, k, v), _ = _inputs(B, H, N, D, torch.float32, device)
+            want = provs["vjepa2_path"](q, k, v)
+            for pname, fn in provs.items():
+                if pname != "vjepa2_path":
+                    err = ((fn(q, k, v) - want).abs().max() / want.abs().max()).item()
+                    rows.append(harness.row(ROPE_KERNEL, pname, shape, torch.float32, "max_rel_err_vs_vjepa2",
+                                            (err, err, err), meta))
+            continue
+        results = {}
+        for pname, fn in provs.items():
+            res, why = _measure(fn, B, H, N, D, dtype, device, quick)
+            if res is None:
+                print(f"  skip {pname} at {shape}: {why}")
+                continue
+            results[pname] = res[0]
+            for phase in ("fwd", "bwd", "fwdbwd"):
+                rows.append(harness.row(ROPE_KERNEL, pname, shape, dtype, f"ms_{phase}", res[0][phase], meta))
+            torch.cuda.empty_cache()
+        if "vjepa2_path" in results:
+            for pname, times in results.items():
+                if pname == "vjepa2_path":
+                    continue
+                for phase, suffix in (("fwdbwd", ""), ("fwd", "_fwd"), ("bwd", "_bwd")):
+                    rows.append(harness.row(ROPE_KERNEL, pname, shape, dtype, f"speedup_vs_vjepa2{suffix}",
+                                            _speedup(results["vjepa2_path"][phase][0], times[phase]), meta))
+
+
 def run(device: str, quick: bool) -> list:
     dev_type = torch.device(device).type
     if dev_type == "cuda":
@@ -195,6 +307,7 @@ def run(device: str, quick: bool) -> list:
                 best = min(r[0][phase][0] for r in sdpa.values())
                 rows.append(harness.row(KERNEL, pname, shape, dtype, f"speedup_vs_best_sdpa{suffix}",
                                         _speedup(best, times[phase]), meta))
+    run_rope(device, quick, dtype, meta, rows)
     return list(rows)
 
 

@@ -2,5 +2,7 @@
 from .attention import attention
 from .ema import ema_update_
 from .gather import apply_masks, masked_gather
+from .rope import apply_rope, grid_positions, rope_attention, vjepa2_axes
 
-__all__ = ["attention", "masked_gather", "apply_masks", "ema_update_"]
+__all__ = ["attention", "rope_attention", "apply_rope", "grid_positions", "vjepa2_axes", "masked_gather",
+           "apply_masks", "ema_update_"]

@@ -1,4 +1,4 @@
-"""Functional attention with selectable backends (layout [B, H, N, D], as in SDPA). Non-causal.
+"""Functional attention with selectable backends (layout [B, H, N, D], as in SDPA). Non-causal, or block-causal.
 
 Backends:
 - ``"triton"``: iwm-fast's fused kernel (``iwm_fast.kernels.attention``), registered below as the torch.library
@@ -15,6 +15,11 @@ Backends:
 ``key_lengths`` ([B] integer tensor, each in [0, Nk]) makes keys at index >= key_lengths[b] invisible to every
 query of sample b, whatever they hold (NaN included); a sample with key length 0 gets a zero output and zero
 gradients on every backend.
+
+``block_causal`` (an int F >= 1, or None): query i sees key j only if j // F <= i // F, i.e. every token sees
+all tokens of its own and earlier blocks of F tokens (V-JEPA 2-AC's frame-causal mask, F = action tokens +
+patches per frame; F = 1 is ordinary causal attention). The Triton kernel skips the fully masked tiles; sdpa and
+eager build the boolean mask; flash_attn and xformers do not take it. Rotary attention: ``iwm_fast.ops.rope``.
 """
 import importlib.util
 from typing import Optional
@@ -33,6 +38,17 @@ _HAS = {name: importlib.util.find_spec(name) is not None for name in ("flash_att
 
 
 # ---- validation ----------------------------------------------------------------------------------------
+
+def check_block_causal(block_causal):
+    if block_causal is None:
+        return 0
+    if isinstance(block_causal, bool) or not isinstance(block_causal, int):
+        raise TypeError(f"attention: block_causal must be an int (tokens per block) or None, "
+                        f"got {type(block_causal).__name__}")
+    if block_causal < 1:
+        raise ValueError(f"attention: block_causal must be >= 1 tokens per block, got {block_causal}")
+    return block_causal
+
 
 def check_layout(q, k, v, key_lengths=None):
     """Backend-independent checks of q, k, v ([B, H, N, D], one floating dtype, one device) and key_lengths."""
@@ -79,15 +95,15 @@ def _triton_takes(q):
 # ---- the Triton kernel as custom ops -------------------------------------------------------------------
 
 @torch.library.custom_op("iwm_fast::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                  key_lengths: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, key_lengths: Optional[Tensor],
+                  block_causal: int = 0) -> tuple[Tensor, Tensor]:
     from ..kernels.attention import attention_forward  # imports triton: only when the kernel runs
 
-    return attention_forward(q, k, v, scale, key_lengths)
+    return attention_forward(q, k, v, scale, key_lengths, block_causal)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, scale, key_lengths):
+def _attention_fwd_fake(q, k, v, scale, key_lengths, block_causal=0):
     B, H, Nq, D = q.shape
     # Same memory layout as the real kernel's output: [B, Nq, H, D] viewed as [B, H, Nq, D].
     out = q.new_empty((B, Nq, H, D)).transpose(1, 2)
@@ -97,29 +113,30 @@ def _attention_fwd_fake(q, k, v, scale, key_lengths):
 
 @torch.library.custom_op("iwm_fast::attention_bwd", mutates_args=())
 def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                  key_lengths: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                  key_lengths: Optional[Tensor], block_causal: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels.attention import attention_backward
 
-    return attention_backward(grad_out, q, k, v, out, lse, scale, key_lengths)
+    return attention_backward(grad_out, q, k, v, out, lse, scale, key_lengths, block_causal)
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale, key_lengths):
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale, key_lengths, block_causal=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, key_lengths = inputs
+    q, k, v, scale, key_lengths, block_causal = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_lengths)
     ctx.scale = scale
+    ctx.block_causal = block_causal
 
 
 def _backward(ctx, grad_out, grad_lse):
     # The LSE is an internal by-product (never returned by the public API), so its gradient is ignored.
     q, k, v, out, lse, key_lengths = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, key_lengths)
-    return dq, dk, dv, None, None
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.scale, key_lengths, ctx.block_causal)
+    return dq, dk, dv, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -127,15 +144,21 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- backends ------------------------------------------------------------------------------------------
 
-def _run_triton(q, k, v, scale, key_lengths):
+def _run_triton(q, k, v, scale, key_lengths, block_causal=0):
     if q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"attention: backend='triton' supports float16, bfloat16 and float32, got {q.dtype}")
     if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
         raise ValueError(f"attention: backend='triton' supports head dims up to {_TRITON_MAX_HEAD_DIM}, "
                          f"got D={q.shape[-1]}; use backend='sdpa'")
     use_triton("attention", "triton", q.device)  # raises with the reason when the kernel cannot run here
-    out, _ = attention_fwd(q, k, v, float(scale), key_lengths)
+    out, _ = attention_fwd(q, k, v, float(scale), key_lengths, block_causal)
     return out
+
+
+def block_causal_mask(n_q, n_k, block, device=None):
+    """[Nq, Nk] bool, True where query i sees key j: j // block <= i // block."""
+    i = torch.arange(n_q, device=device)[:, None] // block
+    return torch.arange(n_k, device=device)[None, :] // block <= i
 
 
 def _visible_keys(q, k, key_lengths):
@@ -153,31 +176,49 @@ def _hide_keys(k, v, visible):
     return k.masked_fill(~visible.transpose(-1, -2), 0), v.masked_fill(~visible.transpose(-1, -2), 0)
 
 
-def _run_sdpa(q, k, v, scale, key_lengths):
+def _full_mask(q, k, key_lengths, block_causal):
+    """(bool mask broadcastable to [B, H, Nq, Nk] or None, visible keys, has-any-key), see _visible_keys.
+
+    Every row of the mask sees at least key 0: a sample without keys is given all keys (its output is zeroed
+    afterwards) and the block-causal mask always shows the first block."""
     visible, has_keys = _visible_keys(q, k, key_lengths)
-    if visible is None:
+    mask = None if visible is None else visible | ~has_keys[:, None, None, None]
+    if block_causal:
+        causal = block_causal_mask(q.shape[-2], k.shape[-2], block_causal, q.device)
+        mask = causal if mask is None else mask & causal
+    return mask, visible, has_keys
+
+
+def _zero_keyless(out, has_keys):
+    return out if has_keys is None else out * has_keys.to(out.dtype)[:, None, None, None]
+
+
+def _run_sdpa(q, k, v, scale, key_lengths, block_causal=0):
+    mask, visible, has_keys = _full_mask(q, k, key_lengths, block_causal)
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    k, v = _hide_keys(k, v, visible)
-    # A sample without keys would make SDPA's softmax 0/0 = NaN (and NaN gradients); let it attend to
-    # everything instead and zero its output, which also zeroes its gradients.
-    mask = visible | ~has_keys[:, None, None, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out * has_keys.to(out.dtype)[:, None, None, None]
+    if visible is not None:
+        k, v = _hide_keys(k, v, visible)
+    # A sample without keys would make SDPA's softmax 0/0 = NaN (and NaN gradients); it attends to
+    # everything instead and its output is zeroed, which also zeroes its gradients.
+    return _zero_keyless(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), has_keys)
 
 
-def _run_eager(q, k, v, scale, key_lengths):
-    visible, has_keys = _visible_keys(q, k, key_lengths)
-    if visible is None:
+def _run_eager(q, k, v, scale, key_lengths, block_causal=0):
+    mask, visible, has_keys = _full_mask(q, k, key_lengths, block_causal)
+    if mask is None:
         return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
-    k, v = _hide_keys(k, v, visible)
-    mask = visible | ~has_keys[:, None, None, None]
+    if visible is not None:
+        k, v = _hide_keys(k, v, visible)
     scores = ((q @ k.transpose(-2, -1)) * scale).masked_fill(~mask, float("-inf"))
-    return (scores.softmax(dim=-1) @ v) * has_keys.to(q.dtype)[:, None, None, None]
+    return _zero_keyless(scores.softmax(dim=-1) @ v, has_keys)
 
 
-def _run_flash_attn(q, k, v, scale, key_lengths):
+def _run_flash_attn(q, k, v, scale, key_lengths, block_causal=0):
     if not _HAS["flash_attn"]:
         raise RuntimeError("attention: backend='flash_attn' needs the flash-attn package (pip install flash-attn)")
+    if block_causal:
+        raise ValueError("attention: backend='flash_attn' does not take block_causal; use 'triton' or 'sdpa'")
     if key_lengths is not None:
         raise ValueError("attention: backend='flash_attn' does not take key_lengths; use 'triton' or 'sdpa'")
     from flash_attn import flash_attn_func
@@ -187,9 +228,11 @@ def _run_flash_attn(q, k, v, scale, key_lengths):
     return out.transpose(1, 2)
 
 
-def _run_xformers(q, k, v, scale, key_lengths):
+def _run_xformers(q, k, v, scale, key_lengths, block_causal=0):
     if not _HAS["xformers"]:
         raise RuntimeError("attention: backend='xformers' needs the xformers package (pip install xformers)")
+    if block_causal:
+        raise ValueError("attention: backend='xformers' does not take block_causal; use 'triton' or 'sdpa'")
     if key_lengths is not None:
         raise ValueError("attention: backend='xformers' does not take key_lengths; use 'triton' or 'sdpa'")
     import xformers.ops as xops
@@ -202,12 +245,17 @@ _RUNNERS = {"triton": _run_triton, "sdpa": _run_sdpa, "eager": _run_eager, "flas
             "xformers": _run_xformers}
 
 
-def attention(q, k, v, *, scale=None, key_lengths=None, backend="auto"):
-    """softmax(q @ k^T * scale) @ v over [B, H, N, D] tensors; ``scale`` defaults to D ** -0.5."""
+def attention(q, k, v, *, scale=None, key_lengths=None, block_causal=None, backend="auto"):
+    """softmax(q @ k^T * scale) @ v over [B, H, N, D] tensors; ``scale`` defaults to D ** -0.5.
+
+    ``block_causal=F``: query i sees key j only if j // F <= i // F (see the module docstring)."""
     check_backend("attention", backend, BACKENDS)
     check_layout(q, k, v, key_lengths)
+    block = check_block_causal(block_causal)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "auto":
         backend = "triton" if use_triton("attention", "auto", q.device, supported=_triton_takes(q)) else "sdpa"
-    return _RUNNERS[backend](q, k, v, scale, key_lengths)
+    if not block:  # the existing call, unchanged
+        return _RUNNERS[backend](q, k, v, scale, key_lengths)
+    return _RUNNERS[backend](q, k, v, scale, key_lengths, block)

@@ -2,5 +2,7 @@
 from .attention import PatchedAttention
 from .model import patch_model, unpatch_model
 from .report import ModuleDecision, PatchReport
+from .rope import PatchedACRoPEAttention, PatchedRoPEAttention
 
-__all__ = ["patch_model", "unpatch_model", "PatchReport", "ModuleDecision", "PatchedAttention"]
+__all__ = ["patch_model", "unpatch_model", "PatchReport", "ModuleDecision", "PatchedAttention",
+           "PatchedRoPEAttention", "PatchedACRoPEAttention"]

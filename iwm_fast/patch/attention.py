@@ -3,7 +3,8 @@
 A module is replaced only when every part of it is understood: a fused ``qkv`` Linear of width 3*dim, a ``proj``
 Linear, a head count, and only submodules whose role is known (q_norm, k_norm, norm, attn_drop, proj_drop or an
 Identity). Anything else (a separate q/v bias, rotary or relative position terms, extra forward arguments, hooks,
-attention dropout) leaves the module alone with the reason. A probe then runs the original and the replacement on
+attention dropout) leaves the module alone with the reason; V-JEPA 2's rotary modules have their own stand-in
+(``patch/rope.py``). A probe then runs the original and the replacement on
 the same random input and refuses the replacement if their outputs differ, so a look-alike is never mis-patched.
 """
 import contextlib
@@ -122,7 +123,8 @@ def _check_forward(module):
 def inspect_attention(module):
     """Return the AttentionSpec of a replaceable module, or raise Unsupported with the reason."""
     from ..layers.attention import Attention as FusedLayer
-    if isinstance(module, (FusedLayer, PatchedAttention)):
+    from .rope import _PatchedRotary
+    if isinstance(module, (FusedLayer, PatchedAttention, _PatchedRotary)):
         raise Unsupported("already iwm_fast fused attention")
     qkv = _linear(module, "qkv")
     proj = _linear(module, "proj")

@@ -3,6 +3,7 @@ import torch.nn as nn
 
 from .attention import PatchedAttention, Unsupported, _is_attention_like, _type_name, inspect_attention, probe
 from .report import ModuleDecision, PatchReport
+from .rope import _PatchedRotary, inspect_rope, is_vjepa2_rope, make_patched_rope, probe_rope
 
 try:  # whatever ops.attention offers (auto, triton, sdpa, and flash_attn/xformers where installed)
     from ..ops.attention import BACKENDS as _BACKENDS
@@ -40,10 +41,26 @@ def patch_model(model, *, attention=True, backend="auto"):
         if id(module) in seen:
             return
         seen.add(id(module))
-        if isinstance(module, PatchedAttention):
+        if isinstance(module, (PatchedAttention, _PatchedRotary)):
             report.left_alone.append(ModuleDecision(path, _type_name(module.original), "already patched"))
             return
-        if _is_attention_like(module):
+        if is_vjepa2_rope(module):
+            try:
+                if module is model:
+                    raise Unsupported("the root module cannot be replaced in place; patch its parent")
+                spec = inspect_rope(module)
+                patched = make_patched_rope(module, spec, backend)
+                probe_rope(module, patched)
+            except Unsupported as e:
+                report.left_alone.append(ModuleDecision(path, _type_name(module), str(e)))
+            else:
+                for parent, name in parents[id(module)]:
+                    parent._modules[name] = patched
+                report.replaced.append(ModuleDecision(
+                    path, _type_name(module), f"heads={spec.num_heads}, head_dim={spec.head_dim}, rotary axes "
+                    f"{spec.axes} (V-JEPA 2 layout), grid_size={spec.grid_size}"))
+                return
+        elif _is_attention_like(module):
             try:
                 if module is model:
                     raise Unsupported("the root module cannot be replaced in place; patch its parent")
@@ -75,7 +92,7 @@ def unpatch_model(model):
     restored = []
     for path, module in list(model.named_modules(remove_duplicate=False)):
         for name, child in list(module._modules.items()):
-            if isinstance(child, PatchedAttention):
+            if isinstance(child, (PatchedAttention, _PatchedRotary)):
                 original = child.original
                 for sub, sub_module in child._modules.items():  # keep any submodule swapped in while patched
                     original._modules[sub] = sub_module
