@@ -99,3 +99,11 @@ def test_resuming_with_another_worker_count_is_allowed_and_identical(tmp_path):
     train(cfg(part, "train.steps=4", "train.checkpoint_every=2"), max_steps=2)
     train(cfg(part, "train.steps=4", "train.checkpoint_every=2", "data.num_workers=1"))
     assert losses(part) == losses(full)
+
+
+def test_training_leaves_the_callers_index_check_as_it_was(tmp_path):
+    from iwm_fast.ops.gather import get_index_check, set_index_check
+
+    set_index_check("host")
+    train(cfg(tmp_path / "run", "train.steps=1", "train.checkpoint_every=1"))
+    assert get_index_check() == "host"  # the engine turns it off only while it trains

@@ -171,8 +171,8 @@ def test_shard_count_must_cover_ranks_and_workers(shard_dir):
 # ----- the registry, shared by the engine and the evaluation -----
 
 def _cfg(dataset, root="", **extra):
-    over = [f"data.dataset={dataset}", f"data.root={root}", "data.image_size=8", "data.num_workers=0",
-            "eval.max_train_images=10"] + [f"{k}={v}" for k, v in extra.items()]
+    over = [f"data.dataset={dataset}", f"data.root={root}", "data.image_size=8", "model.patch_size=4",
+            "data.num_workers=0", "eval.max_train_images=10"] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(None, over)
 
 
@@ -211,7 +211,7 @@ def test_gpu_decode_falls_back_to_the_cpu_with_one_line(shard_dir, caplog):
         for _ in range(3):
             a, b = next(gpu), next(cpu)
             assert torch.equal(a["images"], b["images"]) and torch.equal(a["indices"], b["indices"])
-    with pytest.raises(ValueError, match="data.decode must be cpu or gpu"):
+    with pytest.raises(ValueError, match="data.decode must be one of 'cpu', 'gpu'"):
         BatchStream(_cfg("digits", **{"data.decode": "tpu"}), rank=0, world_size=1, micro_batch=3)
 
 

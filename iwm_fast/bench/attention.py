@@ -159,7 +159,7 @@ def _measure(fn, B, H, N, D, dtype, device, quick):
     bwd = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
     times = {name: harness.time_ms(f, device, reps=reps) for name, f in
              (("fwd", fwd), ("bwd", bwd), ("fwdbwd", fwdbwd))}
-    del out
+    out = None  # frees the graph before the next provider
     mem = _peak_mem_mb(fwdbwd, device) if torch.device(device).type == "cuda" else None
     return (times, mem), None
 

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..ops.gather import set_index_check
+from ..ops.gather import get_index_check, set_index_check
 from .build import build_training
 from .checkpointer import Checkpointer
 from .config import save_config, validate
@@ -56,9 +56,18 @@ def train(cfg, *, loss_hook=None, max_steps=None, backends=None):
     validate(cfg)  # load_config did for the CLI; a Config built in Python is checked here
     rank, world, device = init_distributed(cfg.train.device)
     # Every index comes from our own mask sampler, in range by construction (and tested): skip the bounds
-    # check's host read. IWM_FAST_INDEX_CHECK=host brings it back for debugging.
+    # check's host read while training (the caller's setting comes back after). IWM_FAST_INDEX_CHECK=host keeps
+    # it on for debugging.
+    index_check = get_index_check()
     if "IWM_FAST_INDEX_CHECK" not in os.environ:
         set_index_check("off")
+    try:
+        return _train(cfg, rank, world, device, loss_hook=loss_hook, max_steps=max_steps, backends=backends)
+    finally:
+        set_index_check(index_check)
+
+
+def _train(cfg, rank, world, device, *, loss_hook, max_steps, backends):
     t = cfg.train
     run_dir = t.out_dir
     micro = _micro_batch(cfg, world)
