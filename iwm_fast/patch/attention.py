@@ -153,7 +153,27 @@ def inspect_attention(module):
                          scale is None)
 
 
-class PatchedAttention(nn.Module):
+class WrapsOriginal(nn.Module):
+    """A replacement layer that keeps the module it replaced in ``_iwm_original`` (a plain attribute, not a
+    submodule) and reads through to it the plain attributes it lacks."""
+
+    @property
+    def original(self):
+        return self._iwm_original
+
+    def __getattr__(self, name):
+        # Plain attributes the wrapper lacks (timm's fused_attn, V-JEPA's use_sdpa, ...) read through to the
+        # original, so code that inspects the layer keeps working. Dunder and private lookups do not, which
+        # keeps copy/pickle (they probe __setstate__ etc. on a half-built object) from recursing.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or "_iwm_original" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_iwm_original"], name)
+
+
+class PatchedAttention(WrapsOriginal):
     """Fused-attention stand-in that holds the original's submodules under the same names.
 
     The original module is kept outside the module tree (so parameters and state-dict keys are exactly those of
@@ -174,20 +194,6 @@ class PatchedAttention(nn.Module):
         self.training = original.training
         object.__setattr__(self, "_iwm_original", original)  # plain attribute: not a submodule
 
-    @property
-    def original(self):
-        return self._iwm_original
-
-    def __getattr__(self, name):
-        # Plain attributes the wrapper lacks (timm's fused_attn, V-JEPA's use_sdpa, ...) read through to the
-        # original, so code that inspects the layer keeps working. Dunder and private lookups do not, which
-        # keeps copy/pickle (they probe __setstate__ etc. on a half-built object) from recursing.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("_") or "_iwm_original" not in self.__dict__:
-                raise
-            return getattr(self.__dict__["_iwm_original"], name)
 
     def _apply_child(self, name, t):
         child = self._modules.get(name)

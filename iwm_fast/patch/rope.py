@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..ops.attention import block_causal_mask
 from ..ops.rope import apply_rope, rope_attention
-from .attention import Unsupported, _linear
+from .attention import Unsupported, WrapsOriginal, _linear
 
 log = logging.getLogger("iwm_fast")
 
@@ -128,7 +128,7 @@ def _is_frame_causal(attn_mask, n, frame):
     return ok
 
 
-class _PatchedRotary(nn.Module):
+class _PatchedRotary(WrapsOriginal):
     """Stand-in for V-JEPA 2's RoPEAttention / ACRoPEAttention: same submodules and parameters, fused rotary
     attention (``iwm_fast.ops.rope_attention``; block-causal kernel for V-JEPA 2-AC's mask)."""
 
@@ -143,18 +143,6 @@ class _PatchedRotary(nn.Module):
         self.verify_calls = True  # compare the first real call of each kind with the original (eager only)
         object.__setattr__(self, "_iwm_original", original)
         object.__setattr__(self, "_checked", {})  # call kind -> True (matches) / False (handed back)
-
-    @property
-    def original(self):
-        return self._iwm_original
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("_") or "_iwm_original" not in self.__dict__:
-                raise
-            return getattr(self.__dict__["_iwm_original"], name)
 
     # ---- positions, as the original computes them ----------------------------------------------------------
     def _positions(self, x, mask, T, H, W):

@@ -28,6 +28,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from .files import fsync_dir
+
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 META = "meta.json"
@@ -56,14 +58,6 @@ def _world():
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _step_of(path):
@@ -326,9 +320,9 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, meta, keep=2):
                 json.dump(record, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
-            _fsync_dir(ckpt_dir)
+            fsync_dir(ckpt_dir)
     except (Exception, CheckpointException) as e:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the older checkpoints stay

@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from .files import fsync_dir
+
 # Per step: loss, schedules and ``nonfinite`` (1: the loss was not finite and the update was skipped). Per log
 # window, on its last step's row: throughput, step time, data wait, peak memory and MFU over the window.
 FIELDS = ["step", "loss", "lr", "wd", "momentum", "images_per_s", "step_time_s", "data_wait_frac",
@@ -48,14 +50,6 @@ def step_flops(model, batch, num_ctx, pred_seqs, pred_seq_len):
 
 class MetricsWriteError(RuntimeError):
     """metrics.csv could not be written (a full disk); the rows already in the file are kept."""
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MetricsLogger:
@@ -120,7 +114,7 @@ class MetricsLogger:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except OSError as e:
             try:
                 os.remove(tmp)
