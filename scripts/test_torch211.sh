@@ -11,12 +11,19 @@ venv=.venv-torch211
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" torch==2.11.0 triton==3.6.0 numpy pybind11 setuptools wheel ninja pytest pyyaml scikit-learn pillow \
-  matplotlib tensorboard tqdm
+  matplotlib tensorboard tqdm xxhash
 tree=build/torch211-tree
 rm -rf "$tree"
 mkdir -p "$tree"
 git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$tree"
-(cd "$tree" && IWM_FAST_CUDA=0 "$root/$venv/bin/python" setup.py -q build_ext --inplace >/dev/null)
+# The extension is rebuilt only when its sources change (a build takes minutes on two cores).
+key=$(cat setup.py csrc/* | sha256sum | cut -c1-16)
+cache="build/torch211-ext/$key"
+if ! ls "$cache"/_C*.so >/dev/null 2>&1; then
+  (cd "$tree" && IWM_FAST_CUDA=0 "$root/$venv/bin/python" setup.py -q build_ext --inplace >/dev/null)
+  rm -rf build/torch211-ext && mkdir -p "$cache" && cp "$tree"/iwm_fast/_C*.so "$cache"/
+fi
+cp "$cache"/_C*.so "$tree/iwm_fast/"
 cd "$tree"
 export TRITON_INTERPRET=1 PYTHONPATH="$PWD"
 tests=("$@")  # default: the kernel, op, compile and engine tests
