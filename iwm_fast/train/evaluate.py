@@ -71,7 +71,7 @@ def evaluate_run(run_dir, *, cfg=None, model_state=None, overrides=()):
     (train_x, train_y), (val_x, val_y) = _eval_splits(cfg)
     results = evaluate(model, train_x, train_y, val_x, val_y, bank_size=cfg.eval.bank_size,
                        num_queries=cfg.eval.num_queries, cfg=cfg.augment, seed=cfg.train.seed, device=device,
-                       probe_epochs=cfg.eval.probe_epochs)
+                       probe_epochs=cfg.eval.probe_epochs, picture=os.path.join(run_dir, "world_model.png"))
     results["step"] = step
     write_eval(run_dir, results)
     metrics = os.path.join(run_dir, "metrics.csv")
