@@ -58,6 +58,7 @@ setup(
         "pillow>=9",
         "matplotlib>=3.6",
         "tensorboard>=2.12",
+        "tqdm>=4.60",
     ],
     extras_require={
         "dev": ["pytest>=7", "ninja"],
@@ -69,6 +70,7 @@ setup(
             "iwm-train=iwm_fast.train.cli:train_main",
             "iwm-eval=iwm_fast.train.cli:eval_main",
             "iwm-bench=iwm_fast.bench.run:main",
+            "iwm-finetune=iwm_fast.finetune.cli:main",
         ]
     },
     ext_modules=ext_modules,
