@@ -12,6 +12,7 @@ reads; predictions live in the target encoder's layer-normed space, where ``targ
 images. ``wm.save(path)`` writes config and weights to one file that ``WorldModel.load(path)`` reads back.
 """
 import os
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -105,7 +106,9 @@ class WorldModel:
                                     f"{os.path.join(run_dir, 'checkpoints')} (train it first, or use WorldModel.load "
                                     "on a saved world model)")
         model = build_iwm(cfg)
-        meta = ckpt.load_checkpoint(path, model)
+        with warnings.catch_warnings():  # DCP's note that it loads in one process: that is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            meta = ckpt.load_checkpoint(path, model)
         return cls(model, cfg, step=meta["step"], device=device)
 
     def save(self, path):
