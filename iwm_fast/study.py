@@ -24,7 +24,8 @@ COLUMNS = ("variant", "description", "mrr", "mrr_chance", "probe_acc", "probe_ac
            "finetune_predictor_params", "train_steps")
 
 
-def run_variant(name, overrides, *, out, steps, seed, finetune_epochs, config="configs/demo_cpu.yaml"):
+def run_variant(name, overrides, *, out, steps, seed, finetune_epochs, config="configs/demo_cpu.yaml",
+                finetune_batch_size=64):
     from .finetune import FinetuneArgs, finetune
     from .train.config import load_config
     from .train.loop import train
@@ -35,7 +36,8 @@ def run_variant(name, overrides, *, out, steps, seed, finetune_epochs, config="c
     train(cfg)
     with open(os.path.join(run_dir, "eval.json")) as f:
         ev = json.load(f)
-    ft = finetune(run_dir, FinetuneArgs(protocol="predictor", epochs=finetune_epochs, seed=seed))
+    ft = finetune(run_dir, FinetuneArgs(protocol="predictor", epochs=finetune_epochs, seed=seed,
+                                        batch_size=finetune_batch_size))
     return {"mrr": ev["mrr"], "mrr_chance": ev["mrr_chance"], "probe_acc": ev["probe_acc"],
             "probe_acc_random": ev["probe_acc_random"], "finetune_predictor_acc": ft["accuracy"],
             "finetune_predictor_params": ft["trainable_params"], "train_steps": steps}
@@ -86,7 +88,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--finetune-batch-size", type=int, default=64)
     p.add_argument("--only", nargs="*", choices=[v[0] for v in VARIANTS], help="run only these variants")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides applied to every variant")
     a = p.parse_args(argv)
     if a.steps < 1 or a.finetune_epochs < 1:
         p.error("--steps and --finetune-epochs must be positive")
@@ -97,7 +101,8 @@ def main(argv=None):
         if a.only and name not in a.only:
             continue
         logging.getLogger("iwm_fast").info("study: %s (%s)", name, desc)
-        res = run_variant(name, overrides, out=a.out, steps=a.steps, seed=a.seed, finetune_epochs=a.finetune_epochs)
+        res = run_variant(name, list(a.overrides) + overrides, out=a.out, steps=a.steps, seed=a.seed,
+                          finetune_epochs=a.finetune_epochs, finetune_batch_size=a.finetune_batch_size)
         rows.append({"variant": name, "description": desc, **res})
         write_table(rows, a.out)  # after every variant, so an interrupted study keeps what it measured
     print(write_table(rows, a.out))

@@ -130,3 +130,20 @@ def test_imagefolder_data(run_dir, tmp_path):
                                                                  data_root=str(root)))
     assert res["num_classes"] == 2 and res["train_images"] == 32 and res["val_images"] == 8
     assert 0.0 <= res["accuracy"] <= 1.0
+
+
+def test_study_writes_its_table_and_figure(tmp_path):
+    # The study's plumbing on a tiny model (the real study is ~30 minutes and not part of the suite).
+    from iwm_fast.study import COLUMNS, main as study_main
+    tiny = [t for t in TINY if not t.startswith(("train.steps", "train.checkpoint_every", "eval.enabled",
+                                                   "predictor.depth"))]
+    assert study_main(["--out", str(tmp_path), "--steps", "2", "--finetune-epochs", "1", "--finetune-batch-size",
+                       "16", *tiny, "train.checkpoint_every=2", "eval.num_queries=4", "eval.bank_size=8"]) == 0
+    import csv
+    with open(tmp_path / "study.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["ijepa", "iwm_small", "iwm_large"]
+    assert set(rows[0]) == set(COLUMNS) and all(0 <= float(r["mrr"]) <= 1 for r in rows)
+    assert (tmp_path / "study.md").read_text().count("\n") == 5
+    assert (tmp_path / "study.png").stat().st_size > 0
+    assert (tmp_path / "iwm_small" / "world_model.png").stat().st_size > 0
