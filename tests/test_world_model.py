@@ -121,3 +121,13 @@ def test_bad_inputs_get_clear_errors(run_dir, tmp_path):
         WorldModel.from_run(str(empty))
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         WorldModel.from_run(str(tmp_path))
+
+
+def test_an_ijepa_model_takes_no_action():
+    from iwm_fast.models import build_iwm
+    cfg = load_config("configs/demo_cpu.yaml", TINY + ["predictor.conditioning=none"])
+    wm = WorldModel(build_iwm(cfg), cfg)
+    z = wm.encode(images(2))
+    assert wm.predict(z).shape == (2, 36, 192)
+    with pytest.raises(ValueError, match="without conditioning"):
+        wm.predict(z, identity_action(2))
