@@ -72,6 +72,7 @@ setup(
             "iwm-eval=iwm_fast.train.cli:eval_main",
             "iwm-bench=iwm_fast.bench.run:main",
             "iwm-make-shards=iwm_fast.data.make_shards:main",
+            "iwm-finetune=iwm_fast.finetune.cli:main",
         ]
     },
     ext_modules=ext_modules,

@@ -203,7 +203,7 @@ def test_eval_of_a_folder_run_decodes_only_its_subset(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from iwm_fast.train.evaluate import _eval_splits
+    from iwm_fast.train.evaluate import eval_splits
     root = tmp_path / "imgs"
     for c in range(2):
         (root / f"class{c}").mkdir(parents=True)
@@ -214,6 +214,6 @@ def test_eval_of_a_folder_run_decodes_only_its_subset(tmp_path, monkeypatch):
     read = []
     original = data.ImageFolder.__getitem__
     monkeypatch.setattr(data.ImageFolder, "__getitem__", lambda self, k: read.append(k) or original(self, k))
-    (xtr, ytr), (xva, yva) = _eval_splits(cfg)
+    (xtr, ytr), (xva, yva) = eval_splits(cfg)
     assert len(read) == 10 and len(set(read)) == 10
     assert xtr.shape == (8, 3, 24, 24) and xva.shape == (2, 3, 24, 24)

@@ -325,3 +325,50 @@ def test_evaluate_end_to_end(tmp_path):
     for k in ("probe_acc", "probe_acc_random", "mrr", "mrr_chance"):
         assert 0 <= data[k] <= 1
     assert "probe_acc" in format_summary(res)
+
+
+def test_evaluate_stages_give_the_same_numbers_as_the_parts():
+    # The staged evaluation (with progress bars) must not change a number: compare with the plain building blocks.
+    model = tiny_iwm()
+    g = torch.Generator().manual_seed(0)
+    xtr, ytr = images(40, seed=1), torch.randint(3, (40,), generator=g)
+    xva, yva = images(20, seed=2), torch.randint(3, (20,), generator=g)
+    res = evaluate(model, xtr, ytr, xva, yva, bank_size=8, num_queries=4, batch_size=16, probe_epochs=20,
+                   show_progress=False)
+    ref = probe_encoder(model.target_encoder, xtr, ytr, xva, yva, batch_size=16, epochs=20)
+    ref.update(world_model_mrr(model, xva, bank_size=8, num_queries=4, batch_size=16))
+    for k, v in ref.items():
+        assert res[k] == v, k
+
+
+def test_evaluate_writes_the_world_model_picture_and_shows_progress(tmp_path, capsys, caplog):
+    model = tiny_iwm()
+    g = torch.Generator().manual_seed(0)
+    xtr, ytr = images(24, seed=1), torch.randint(3, (24,), generator=g)
+    xva, yva = images(12, seed=2), torch.randint(3, (12,), generator=g)
+    png = tmp_path / "world_model.png"
+    with caplog.at_level("INFO", logger="iwm_fast"):
+        res = evaluate(model, xtr, ytr, xva, yva, bank_size=40, num_queries=3, batch_size=16, probe_epochs=5,
+                       picture=str(png), examples=2)
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+    ex = res["examples"]
+    assert len(ex) == 2 and ex[0]["retrieved"].shape == (5, 3, 16, 16)
+    assert 1 <= ex[0]["rank"] <= 40
+    err = capsys.readouterr().err
+    for stage in ("eval: features", "eval: linear probe", "eval: world-model MRR"):
+        assert stage in err
+    assert "120/120" in err  # the MRR bar counts every target-encoder image: 3 queries x 40 views
+    # A bank larger than the evaluation set is allowed (views of each query) but said at once.
+    assert any("larger than the 36 evaluation images" in r.getMessage() for r in caplog.records)
+
+
+def test_picture_true_view_rank_matches_the_mrr_ranking():
+    # With an oracle predictor (it returns the true view's own embedding) the true view is retrieved first.
+    model = tiny_iwm()
+    from iwm_fast.eval.mrr import iwm_hooks
+    _, target_fn = iwm_hooks(model)
+    res = world_model_mrr(model, images(3, seed=4), bank_size=16, batch_size=8, examples=3,
+                          predict_fn=lambda b: target_fn(b.target), target_fn=target_fn)
+    for e in res["examples"]:
+        assert e["rank"] == 1 and e["retrieved_is_true"][0]
+        torch.testing.assert_close(e["retrieved"][0], e["target"])

@@ -12,7 +12,8 @@ g is the mean of 1/r over r = g+1 .. g+t. That keeps an action-blind predictor e
 """
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,8 @@ def reciprocal_ranks(sims: torch.Tensor, true_idx: torch.Tensor, tie_tol: float 
     tied = ((sims - true).abs() <= tie_tol).sum(dim=1)  # includes the true entry itself
     # Mean of 1/r over r = beaten+1 .. beaten+tied, via the harmonic-number table.
     K = sims.shape[1]
-    h = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(1.0 / torch.arange(1, K + 1, dtype=torch.float64), 0)])
+    steps = 1.0 / torch.arange(1, K + 1, dtype=torch.float64)
+    h = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(steps, 0)])
     return (h[beaten + tied] - h[beaten]) / tied
 
 
@@ -116,7 +118,7 @@ def iwm_hooks(model, transforms=None):
 @torch.no_grad()
 def world_model_mrr(model=None, images=None, *, bank_size=256, num_queries=None, cfg=None, seed=0, device=None,
                     batch_size=256, predict_fn: Optional[Callable] = None, target_fn: Optional[Callable] = None,
-                    transforms=None, tie_tol=TIE_TOL) -> dict:
+                    transforms=None, tie_tol=TIE_TOL, progress: Optional[Callable] = None, examples=0) -> dict:
     """World-model MRR of ``model`` (an ``IWM``) on ``images`` (float [B,3,H,W] in [0,1], or uint8).
 
     The first ``num_queries`` images (all by default) are queries. ``cfg`` is the ``TransformConfig`` of the
@@ -130,6 +132,9 @@ def world_model_mrr(model=None, images=None, *, bank_size=256, num_queries=None,
     same on token-wise flattened embeddings), ``mrr_identity`` (a baseline predicting the clean image's own
     target embedding, i.e. "no change"), ``mrr_chance`` = H_K / K, ``mrr_chance_stderr`` (the standard error of
     an action-blind predictor's MRR over these queries), ``mrr_bank_size`` and ``mrr_num_queries``.
+    ``progress(n)`` is called after every target-encoder call with the number of images it encoded
+    (``num_queries * bank_size`` in all). ``examples=n`` adds ``"examples"``: for the first n queries, the
+    clean image, the true view, the five best-ranked views and the true view's rank (``world_model_figure``).
     """
     tf = _transforms_module(transforms)
     if images is None:
@@ -191,11 +196,34 @@ def world_model_mrr(model=None, images=None, *, bank_size=256, num_queries=None,
                     sims["mean"][:, k] = (pred_mean * e_mean).sum(1).double()
                     sims["tokens"][:, k] = (pred_flat * e_flat).sum(1).double()
                     sims["identity"][:, k] = (ident * e_mean).sum(1).double()
+                if progress is not None:
+                    progress(len(ks) * q)
+            if c == 0 and examples > 0:
+                shown = _examples(tf, src, params, true, sims["mean"], target, min(examples, q), tie_tol)
             for name in rr:
                 rr[name].append(reciprocal_ranks(sims[name].cpu(), true.cpu(), tie_tol))
 
     mean_rr = {name: torch.cat(v).mean().item() for name, v in rr.items()}
-    return {"mrr": mean_rr["mean"], "mrr_tokens": mean_rr["tokens"], "mrr_identity": mean_rr["identity"],
-            "mrr_chance": mrr_chance(bank_size), "mrr_chance_stderr": mrr_chance_stderr(bank_size, num_queries),
-            "mrr_bank_size": bank_size, "mrr_num_queries": num_queries}
+    out = {"mrr": mean_rr["mean"], "mrr_tokens": mean_rr["tokens"], "mrr_identity": mean_rr["identity"],
+           "mrr_chance": mrr_chance(bank_size), "mrr_chance_stderr": mrr_chance_stderr(bank_size, num_queries),
+           "mrr_bank_size": bank_size, "mrr_num_queries": num_queries}
+    if examples > 0:
+        out["examples"] = shown
+    return out
+
+
+def _examples(tf, src, params, true, sims, target, n, tie_tol, top=5):
+    """The first ``n`` queries of a chunk as pictures: clean image, true view, the ``top`` best-ranked views."""
+    out = []
+    for i in range(n):
+        row = sims[i].cpu()
+        best = row.argsort(descending=True, stable=True)[:top].tolist()
+        views = torch.stack([tf.apply(src[i:i + 1], params[k][i], "target")[0] for k in best])
+        t = int(true[i])
+        rank = int((row > row[t] + tie_tol).sum().item()) + 1  # best case among ties, as a person would read it
+        out.append({"source": src[i].cpu(), "target": target[i].cpu(), "retrieved": views.cpu(),
+                    "retrieved_is_true": [k == t or abs(row[k].item() - row[t].item()) <= tie_tol for k in best],
+                    "rank": rank, "tied": int(((row - row[t]).abs() <= tie_tol).sum().item()),
+                    "bank_size": row.shape[0]})
+    return out
 

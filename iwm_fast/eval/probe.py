@@ -1,7 +1,8 @@
 """Linear probe on frozen, standardised features, trained full-batch with L-BFGS (deterministic)."""
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,13 +78,14 @@ def _accuracy(x, y, w, b):
 
 def fit_linear_probe(train_feats, train_labels, val_feats, val_labels, *, epochs=100, lr=1.0,
                      wd: Union[float, Sequence[float]] = DEFAULT_WD_GRID, seed=0, holdout=0.2,
-                     device="cpu") -> ProbeResult:
+                     device="cpu", on_fit=None) -> ProbeResult:
     """Fit a linear classifier on standardised features and return its validation accuracy.
 
     Features are standardised with the training mean and std. With several ``wd`` values the one with the best
     accuracy on a seeded ``holdout`` fraction of the training set is chosen (ties: the larger wd), then the
     probe is refit on the whole training set; the validation set is never used for the choice.
-    Runs in float64; the same inputs and seed give the same result.
+    Runs in float64; the same inputs and seed give the same result. ``on_fit()`` is called after each fit
+    (one per grid value, then the final one; just one for a single ``wd``), e.g. to move a progress bar.
     """
     _check_pair(train_feats, train_labels, "train")
     _check_pair(val_feats, val_labels, "val")
@@ -120,9 +122,13 @@ def fit_linear_probe(train_feats, train_labels, val_feats, val_labels, *, epochs
         for v in grid:  # ascending, so ">=" keeps the larger wd on a tie
             w, b = _fit(xtr[fit_idx], ytr[fit_idx], num_classes, v, epochs, lr)
             acc = _accuracy(xtr[hold_idx], ytr[hold_idx], w, b)
+            if on_fit is not None:
+                on_fit()
             if acc >= best:
                 best, chosen = acc, v
     w, b = _fit(xtr, ytr, num_classes, chosen, epochs, lr)
+    if on_fit is not None:
+        on_fit()
     return ProbeResult(accuracy=_accuracy(xva, yva, w, b), wd=chosen, num_classes=num_classes)
 
 

@@ -213,10 +213,14 @@ def _read_yaml(path):
 
 def load_config(path=None, overrides=(), *, validate_values=True):
     """Defaults, then the YAML file at ``path``, then the overrides; every value checked by ``validate``."""
+    return from_dict(_read_yaml(path) if path is not None else {}, overrides, validate_values=validate_values)
+
+
+def from_dict(data, overrides=(), *, validate_values=True):
+    """A config from a nested dict (``to_dict``'s form, as saved with a run or a world model), then overrides."""
     cfg = Config()
-    if path is not None:
-        for key, value in _flatten(_read_yaml(path)):
-            _set(cfg, key, value)
+    for key, value in _flatten(data):
+        _set(cfg, key, value)
     apply_overrides(cfg, overrides)
     try:  # re-run the sections' own validation on the final values
         cfg.augment = dataclasses.replace(cfg.augment)

@@ -16,7 +16,7 @@ EVAL_OVERRIDABLE = ("eval.", "train.device=")
 log = logging.getLogger("iwm_fast")
 
 
-def _eval_splits(cfg):
+def eval_splits(cfg):
     from ..data import registry
 
     return registry.get(cfg.data.dataset).eval_split(cfg)
@@ -70,10 +70,10 @@ def evaluate_run(run_dir, *, cfg=None, model_state=None, overrides=()):
         step = _load_latest_state(run_dir, model)
         _export_if_missing(run_dir, model, step, cfg.train.steps)
     model = model.to(device).eval()
-    (train_x, train_y), (val_x, val_y) = _eval_splits(cfg)
+    (train_x, train_y), (val_x, val_y) = eval_splits(cfg)
     results = evaluate(model, train_x, train_y, val_x, val_y, bank_size=cfg.eval.bank_size,
                        num_queries=cfg.eval.num_queries, cfg=cfg.augment, seed=cfg.train.seed, device=device,
-                       probe_epochs=cfg.eval.probe_epochs)
+                       probe_epochs=cfg.eval.probe_epochs, picture=os.path.join(run_dir, "world_model.png"))
     results["step"] = step
     _try_write("the results", os.path.join(run_dir, "eval.json"), lambda: write_eval(run_dir, results))
     metrics = os.path.join(run_dir, "metrics.csv")
