@@ -372,3 +372,17 @@ def test_picture_true_view_rank_matches_the_mrr_ranking():
     for e in res["examples"]:
         assert e["rank"] == 1 and e["retrieved_is_true"][0]
         torch.testing.assert_close(e["retrieved"][0], e["target"])
+
+
+def test_eval_json_has_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    from iwm_fast.eval.report import REQUIRED_KEYS, write_eval
+
+    umask = os.umask(0o022)
+    try:
+        path = write_eval(str(tmp_path), {k: 0.5 for k in REQUIRED_KEYS})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644

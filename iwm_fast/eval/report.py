@@ -47,6 +47,10 @@ def write_eval(run_dir, results: dict) -> str:
         with os.fdopen(fd, "w") as f:
             json.dump(_plain(results), f, indent=2, sort_keys=True)
             f.write("\n")
+        # mkstemp makes the file private (0600); eval.json is read by others like every file of the run
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
