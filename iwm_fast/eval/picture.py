@@ -4,7 +4,7 @@ Each row: the clean image the predictor starts from, the true transformed view i
 five views of the bank that the prediction ranks highest, the true one framed in green. The row title gives the
 true view's rank among the bank.
 """
-import os
+from .report import save_png
 
 
 def world_model_figure(examples, png_path, *, title=None) -> str:
@@ -43,9 +43,6 @@ def world_model_figure(examples, png_path, *, title=None) -> str:
             ax[0].set_ylabel(f"rank {e['rank']}/{e['bank_size']}{tie}", fontsize=8)
         fig.suptitle(title or "world model: clean image + action -> predicted latent; top-5 views of the bank",
                      fontsize=9)
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-        fig.savefig(png_path, format="png")
+        return save_png(fig, png_path)
     finally:
         plt.close(fig)
-    return png_path

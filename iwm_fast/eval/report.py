@@ -129,9 +129,14 @@ def plot_loss_curve(source, png_path, title="training loss") -> str:
         ax.set_ylabel("loss")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-        fig.savefig(png_path, format="png")
+        return save_png(fig, png_path)
     finally:
         plt.close(fig)
+
+
+def save_png(fig, png_path):
+    """Lay out ``fig`` and write it as a PNG (its folder made if needed); returns the path."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path, format="png")
     return png_path

@@ -153,6 +153,14 @@ def inspect_attention(module):
                          scale is None)
 
 
+def check_probe(out, ref, tol, what):
+    """A stand-in's probe output must match the original's to ``tol`` (relative to its largest value)."""
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+    if not err <= tol:
+        raise Unsupported(f"output differs from {what} (relative error {err:.3g} > {tol:g}): semantics not "
+                          "recognised")
+
+
 class WrapsOriginal(nn.Module):
     """A replacement layer that keeps the module it replaced in ``_iwm_original`` (a plain attribute, not a
     submodule) and reads through to it the plain attributes it lacks."""
@@ -257,10 +265,7 @@ def probe(original, patched, spec):
                                       f"{type(e).__name__}: {e}") from None
                 if out.shape != ref.shape:
                     raise Unsupported(f"output shape {tuple(ref.shape)} differs from the fused {tuple(out.shape)}")
-                err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
-                if not err <= tol:
-                    raise Unsupported(f"output differs from the original forward on a probe input "
-                                      f"(relative error {err:.3g} > {tol:g}): semantics not recognised")
+                check_probe(out, ref, tol, "the original forward on a probe input")
     finally:
         for m, mode in modes:
             m.training = mode

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..ops.attention import block_causal_mask
 from ..ops.rope import apply_rope, rope_attention
-from .attention import Unsupported, WrapsOriginal, _linear
+from .attention import Unsupported, WrapsOriginal, _linear, check_probe
 
 log = logging.getLogger("iwm_fast")
 
@@ -351,10 +351,7 @@ def probe_rope(original, patched):
                         out = patched._fused(*args[:6], args[6] if len(args) > 6 else 0)
                     except _Fallback:
                         raise Unsupported(f"stand-in does not take the call ({label})") from None
-                    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
-                    if not err <= tol:
-                        raise Unsupported(f"output differs from the original on a probe call ({label}; relative "
-                                          f"error {err:.3g} > {tol:g}): semantics not recognised")
+                    check_probe(out, ref, tol, f"the original on a probe call ({label})")
     finally:
         for m, mode in modes:
             m.training = mode
