@@ -123,8 +123,7 @@ def _check_forward(module):
 def inspect_attention(module):
     """Return the AttentionSpec of a replaceable module, or raise Unsupported with the reason."""
     from ..layers.attention import Attention as FusedLayer
-    from .rope import _PatchedRotary
-    if isinstance(module, (FusedLayer, PatchedAttention, _PatchedRotary)):
+    if isinstance(module, (FusedLayer, WrapsOriginal)):
         raise Unsupported("already iwm_fast fused attention")
     qkv = _linear(module, "qkv")
     proj = _linear(module, "proj")

@@ -1,9 +1,10 @@
 """Walk a model, replace each recognised attention module in place, and undo it."""
 import torch.nn as nn
 
-from .attention import PatchedAttention, Unsupported, _is_attention_like, _type_name, inspect_attention, probe
+from .attention import (PatchedAttention, Unsupported, WrapsOriginal, _is_attention_like, _type_name,
+                        inspect_attention, probe)
 from .report import ModuleDecision, PatchReport
-from .rope import _PatchedRotary, inspect_rope, is_vjepa2_rope, make_patched_rope, probe_rope
+from .rope import inspect_rope, is_vjepa2_rope, make_patched_rope, probe_rope
 
 try:  # whatever ops.attention offers (auto, triton, sdpa, and flash_attn/xformers where installed)
     from ..ops.attention import BACKENDS as _BACKENDS
@@ -41,7 +42,7 @@ def patch_model(model, *, attention=True, backend="auto"):
         if id(module) in seen:
             return
         seen.add(id(module))
-        if isinstance(module, (PatchedAttention, _PatchedRotary)):
+        if isinstance(module, WrapsOriginal):
             report.left_alone.append(ModuleDecision(path, _type_name(module.original), "already patched"))
             return
         if is_vjepa2_rope(module):
@@ -92,7 +93,7 @@ def unpatch_model(model):
     restored = []
     for path, module in list(model.named_modules(remove_duplicate=False)):
         for name, child in list(module._modules.items()):
-            if isinstance(child, (PatchedAttention, _PatchedRotary)):
+            if isinstance(child, WrapsOriginal):
                 original = child.original
                 for sub, sub_module in child._modules.items():  # keep any submodule swapped in while patched
                     original._modules[sub] = sub_module
