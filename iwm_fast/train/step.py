@@ -135,7 +135,7 @@ def train_step(model, optimizer, micro_batches, *, lr, wd, momentum, grad_clip=0
     return mean, finite
 
 
-def build_optimizer(model, *, lr, device=None):
+def build_optimizer(model, *, lr):
     """Fused AdamW (CPU and CUDA) without weight decay on biases, norms and 1-d parameters (as I-JEPA).
 
     Fused, because its ``found_inf`` input is how a non-finite step is skipped without reading the loss back."""
