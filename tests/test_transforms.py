@@ -191,6 +191,23 @@ def test_apply_target_jitter_matches_reference_and_keeps_dtype():
     assert apply(x.half(), p, "target").dtype == torch.float16
 
 
+def test_source_jitter_p_sets_the_source_views_own_probability():
+    B = 400
+    both = sample_params(B, cfg=TransformConfig(jitter_p=1.0), seed=2, step=5)
+    never = sample_params(B, cfg=TransformConfig(jitter_p=1.0, source_jitter_p=0.0), seed=2, step=5)
+    half = sample_params(B, cfg=TransformConfig(jitter_p=0.0, source_jitter_p=0.5), seed=2, step=5)
+    assert not never.source.applied.any() and torch.equal(never.source.hue, torch.zeros(B))
+    assert torch.equal(never.source.brightness, torch.ones(B))
+    assert torch.equal(action_vector(never)[:, 5:], action_vector(both)[:, 5:])  # target draws unchanged
+    assert not half.target.applied.any() and 150 < int(half.source.applied.sum()) < 250
+    # None (the default) is jitter_p: the same draws as before the option existed
+    same = sample_params(B, cfg=TransformConfig(jitter_p=0.8, source_jitter_p=0.8), seed=2, step=5)
+    dflt = sample_params(B, cfg=TransformConfig(jitter_p=0.8), seed=2, step=5)
+    assert torch.equal(action_vector(same), action_vector(dflt))
+    with pytest.raises(ValueError, match="source_jitter_p"):
+        TransformConfig(source_jitter_p=1.5)
+
+
 def test_clean_source_is_identity_and_keeps_target_draws():
     x = _images(B=16, seed=6)
     cfg = TransformConfig(jitter_p=1.0, grayscale_p=1.0, blur_p=1.0, solarize_p=1.0)

@@ -1,6 +1,7 @@
 """The photometric-view settings of IWM (defaults from the IWM paper's strong setting)."""
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 
 def _check_prob(name, p):
@@ -31,6 +32,7 @@ class TransformConfig:
     saturation: float = 0.2
     hue: float = 0.1
     jitter_p: float = 0.8
+    source_jitter_p: Optional[float] = None  # the source view's own jitter probability; None: jitter_p
     grayscale_p: float = 0.2
     blur_p: float = 0.2
     blur_sigma: tuple = (0.1, 2.0)
@@ -44,6 +46,8 @@ class TransformConfig:
         _check_nonneg("hue", self.hue, upper=0.5)
         for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             _check_prob(name, getattr(self, name))
+        if self.source_jitter_p is not None:
+            _check_prob("source_jitter_p", self.source_jitter_p)
         sig = self.blur_sigma
         if (not isinstance(sig, (tuple, list)) or len(sig) != 2
                 or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sig)
@@ -53,6 +57,11 @@ class TransformConfig:
         if not isinstance(self.blur_truncate, (int, float)) or not 0.5 <= self.blur_truncate <= 10:
             raise ValueError(f"TransformConfig.blur_truncate must be in [0.5, 10], got {self.blur_truncate!r}")
         _check_nonneg("solarize_threshold", self.solarize_threshold)
+
+    @property
+    def source_p(self) -> float:
+        """The probability that the source view is colour-jittered."""
+        return self.jitter_p if self.source_jitter_p is None else self.source_jitter_p
 
     @property
     def blur_radius(self) -> int:

@@ -82,8 +82,8 @@ def sample_params(batch_size, *, cfg=None, seed=0, step=0, device="cpu", clean_s
     # One draw of 14 uniforms per sample, columns fixed, so clean_source only masks the result.
     u = torch.rand(batch_size, 14, generator=g, dtype=torch.float64)
 
-    def jitter(col, off):
-        applied = u[:, col] < cfg.jitter_p
+    def jitter(col, off, p):
+        applied = u[:, col] < p
         facs = []
         for k, name in enumerate(_JITTER):
             x = u[:, col + 1 + k]
@@ -103,8 +103,8 @@ def sample_params(batch_size, *, cfg=None, seed=0, step=0, device="cpu", clean_s
     blur = (u[:, 11] < cfg.blur_p) & ~off
     sigma = torch.where(blur, lo + (hi - lo) * u[:, 12], torch.zeros_like(u[:, 12])).float()
     params = TransformParams(
-        source=jitter(0, off),
-        target=jitter(5, keep),
+        source=jitter(0, off, cfg.source_p),
+        target=jitter(5, keep, cfg.jitter_p),
         grayscale=(u[:, 10] < cfg.grayscale_p) & ~off,
         blur=blur,
         blur_sigma=sigma,
