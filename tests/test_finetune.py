@@ -70,8 +70,32 @@ def test_predictor_protocol_keeps_the_encoder_frozen_and_trains_the_predictor(ru
     assert "predictor.predictor_embed.weight" in changed
     assert "predictor.predictor_pos_embed" not in changed  # fixed sin-cos stays fixed
     n_pred = sum(v.numel() for k, v in pre.items() if k.startswith("predictor.") and "pos_embed" not in k)
-    head = sum(v.numel() for k, v in after.items() if k.startswith("head."))
+    head = sum(v.numel() for k, v in after.items()
+               if k.startswith("head.") and not k.startswith("head.standardize."))  # BatchNorm: buffers only
     assert res["trainable_params"] == n_pred + head
+
+
+def test_head_statistics_are_recomputed_from_the_current_weights(run_dir, tmp_path):
+    """Before each validation the head's BatchNorm holds the mean and variance of the pooled, layer-normed
+    features of the first training images under the final weights (not the lagging running averages)."""
+    from iwm_fast.finetune.run import _splits
+
+    res, net = run_finetune(fresh(run_dir, tmp_path), FinetuneArgs(protocol="predictor", **QUICK, seed=5))
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    xtr = _splits(cfg)[0][:512]
+    pooled = []
+    hook = net.head.norm.register_forward_hook(lambda m, i, o: pooled.append(o.detach().double()))
+    with torch.no_grad():
+        net.eval()
+        net(xtr)
+    hook.remove()
+    feats = pooled[0]
+    bn = net.head.standardize
+    assert torch.allclose(bn.running_mean.double(), feats.mean(0), rtol=1e-4, atol=1e-6)
+    # the mean of per-batch unbiased variances; batches of 16 share the features' mean closely enough
+    var_batches = torch.stack([feats[s:s + 16].var(0) for s in range(0, feats.shape[0], 16)]).mean(0)
+    assert torch.allclose(bn.running_var.double(), var_batches, rtol=1e-3, atol=1e-9)
+    assert float(bn.running_var.max()) < 0.5  # no trace of the initial variance of 1
 
 
 def test_encoder_protocol_trains_the_encoder(run_dir, tmp_path):

@@ -12,17 +12,23 @@ from ..transforms import ACTION_DIM, normalize
 
 
 class PooledHead(nn.Module):
-    """Average over tokens, LayerNorm, linear classifier (the head of every protocol here)."""
+    """Average over tokens, LayerNorm, BatchNorm without affine, linear classifier (every protocol's head).
+
+    The BatchNorm standardises each feature over the batch, as the linear probe standardises its features (and as
+    MAE's probing head does): a pretrained predictor's pooled output is mostly the same vector for every image
+    (its image-dependent part is ~10x smaller), and without it the head learns nothing in a few epochs.
+    """
 
     def __init__(self, dim, num_classes):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.standardize = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
         self.fc = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.fc.weight, std=0.02)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, tokens):
-        return self.fc(self.norm(tokens.mean(dim=1)))
+        return self.fc(self.standardize(self.norm(tokens.mean(dim=1))))
 
 
 class PredictorClassifier(nn.Module):
