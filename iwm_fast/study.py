@@ -4,7 +4,8 @@
 
 Each variant is the demo recipe (``configs/demo_cpu.yaml``) with only the predictor changed; each is trained and
 evaluated by the engine (probe, MRR), then its predictor is fine-tuned on the frozen encoder (``iwm-finetune
---protocol predictor``). Writes ``OUT/study.csv``, ``OUT/study.md`` and ``OUT/study.png``. The paper's direction:
+--protocol predictor``) and, as the paper's control, the same predictor architecture is fine-tuned from random
+initialisation. Writes ``OUT/study.csv``, ``OUT/study.md`` and ``OUT/study.png``. The paper's direction:
 MRR at chance without conditioning, rising with predictor capacity; equivariant features probe worse but
 fine-tune better through the predictor.
 """
@@ -22,7 +23,7 @@ VARIANTS = (  # name, what it is, overrides of the demo config (whose predictor 
     ("iwm_large", "IWM, predictor 6x192", ["predictor.depth=6"]),
 )
 COLUMNS = ("variant", "description", "mrr", "mrr_chance", "probe_acc", "probe_acc_random", "finetune_predictor_acc",
-           "finetune_predictor_params", "train_steps")
+           "finetune_predictor_random_acc", "finetune_predictor_params", "train_steps")
 
 
 def run_variant(name, overrides, *, out, steps, seed, finetune_epochs, config="configs/demo_cpu.yaml",
@@ -37,11 +38,13 @@ def run_variant(name, overrides, *, out, steps, seed, finetune_epochs, config="c
     train(cfg)
     with open(os.path.join(run_dir, "eval.json")) as f:
         ev = json.load(f)
-    ft = finetune(run_dir, FinetuneArgs(protocol="predictor", epochs=finetune_epochs, seed=seed,
-                                        batch_size=finetune_batch_size))
+    ft = {init: finetune(run_dir, FinetuneArgs(protocol="predictor", epochs=finetune_epochs, seed=seed,
+                                               batch_size=finetune_batch_size, predictor_init=init))
+          for init in ("pretrained", "random")}
     return {"mrr": ev["mrr"], "mrr_chance": ev["mrr_chance"], "probe_acc": ev["probe_acc"],
-            "probe_acc_random": ev["probe_acc_random"], "finetune_predictor_acc": ft["accuracy"],
-            "finetune_predictor_params": ft["trainable_params"], "train_steps": steps}
+            "probe_acc_random": ev["probe_acc_random"], "finetune_predictor_acc": ft["pretrained"]["accuracy"],
+            "finetune_predictor_random_acc": ft["random"]["accuracy"],
+            "finetune_predictor_params": ft["pretrained"]["trainable_params"], "train_steps": steps}
 
 
 def write_table(rows, out):
@@ -49,11 +52,12 @@ def write_table(rows, out):
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    head = ("variant", "MRR (chance)", "probe (random init)", "predictor fine-tune")
+    head = ("variant", "MRR (chance)", "probe (random init)", "predictor fine-tune (random init)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(f"| {r['description']} | {r['mrr']:.3f} ({r['mrr_chance']:.3f}) | {r['probe_acc']:.3f} "
-                     f"({r['probe_acc_random']:.3f}) | {r['finetune_predictor_acc']:.3f} |")
+                     f"({r['probe_acc_random']:.3f}) | {r['finetune_predictor_acc']:.3f} "
+                     f"({r['finetune_predictor_random_acc']:.3f}) |")
     with open(os.path.join(out, "study.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -69,7 +73,8 @@ def plot(rows, out):
     try:
         for ax, (key, title, ref) in zip(axes, (("mrr", "world-model MRR", "mrr_chance"),
                                                   ("probe_acc", "linear probe", "probe_acc_random"),
-                                                  ("finetune_predictor_acc", "predictor fine-tune", None))):
+                                                  ("finetune_predictor_acc", "predictor fine-tune",
+                                                   "finetune_predictor_random_acc"))):
             ax.bar(names, [r[key] for r in rows], color=["tab:gray", "tab:blue", "tab:orange"][:len(rows)])
             if ref:
                 for i, r in enumerate(rows):

@@ -171,3 +171,6 @@ def test_study_writes_its_table_and_figure(tmp_path):
     assert (tmp_path / "study.md").read_text().count("\n") == 5
     assert (tmp_path / "study.png").stat().st_size > 0
     assert (tmp_path / "iwm_small" / "world_model.png").stat().st_size > 0
+    for r in rows:  # the paper's control: each variant's predictor architecture fine-tuned from random init
+        saved = json.loads((tmp_path / r["variant"] / "finetune_predictor_random.json").read_text())
+        assert saved["predictor_init"] == "random" and float(r["finetune_predictor_random_acc"]) == saved["accuracy"]
