@@ -36,6 +36,9 @@ def main(run_dir="runs/demo_cpu", num_images=8, bank_size=32):
     blind = wm.rank_of(wm.predict(wm.encode(images)), bank, 0)   # identity action: "nothing changes"
     print(f"rank of the true view among {bank_size} (1 = best), with the action:    {ranks.tolist()}")
     print(f"                                                 with no action:   {blind.tolist()}")
+    # The mean rank says more than the MRR for a model that ranks the true view well but seldom first.
+    print(f"mean rank: {ranks.float().mean():.1f} with the action, {blind.float().mean():.1f} without "
+          f"(chance {(bank_size + 1) / 2:.1f})")
     chance = sum(1 / r for r in range(1, bank_size + 1)) / bank_size
     print(f"mean reciprocal rank: {(1.0 / ranks.float()).mean():.3f} with the action, "
           f"{(1.0 / blind.float()).mean():.3f} without (chance about {chance:.3f})")

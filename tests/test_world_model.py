@@ -131,3 +131,18 @@ def test_an_ijepa_model_takes_no_action():
     assert wm.predict(z).shape == (2, 36, 192)
     with pytest.raises(ValueError, match="without conditioning"):
         wm.predict(z, identity_action(2))
+
+
+def test_the_readme_example_runs_on_a_run(run_dir, capsys):
+    # examples/world_model.py is the README's runnable example; its ranks must be ranks of the bank it builds.
+    import importlib.util
+    import re
+    spec = importlib.util.spec_from_file_location("wm_example", os.path.join("examples", "world_model.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(str(run_dir), num_images=3, bank_size=5)
+    out = capsys.readouterr().out
+    ranks = [int(r) for line in out.splitlines() if "[" in line
+             for r in re.search(r"\[(.*)\]", line).group(1).split(",")]
+    assert len(ranks) == 6 and all(1 <= r <= 5 for r in ranks)
+    assert "mean rank" in out and "(chance 3.0)" in out
