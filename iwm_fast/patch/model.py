@@ -1,15 +1,11 @@
 """Walk a model, replace each recognised attention module in place, and undo it."""
 import torch.nn as nn
 
+from ..backends import ATTENTION as _BACKENDS
 from .attention import (PatchedAttention, Unsupported, WrapsOriginal, _is_attention_like, _type_name,
                         inspect_attention, probe)
 from .report import ModuleDecision, PatchReport
 from .rope import inspect_rope, is_vjepa2_rope, make_patched_rope, probe_rope
-
-try:  # whatever ops.attention offers (auto, triton, sdpa, and flash_attn/xformers where installed)
-    from ..ops.attention import BACKENDS as _BACKENDS
-except ImportError:
-    _BACKENDS = ("auto", "sdpa", "triton")
 
 
 def _parents(model):
