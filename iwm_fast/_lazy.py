@@ -12,7 +12,9 @@ def lazy_exports(package, exports):
     defines it; any other submodule is imported when it is first named, as an eager ``__init__`` would have."""
     def __getattr__(name):
         if name in exports:
-            return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+            value = getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+            setattr(sys.modules[package], name, value)  # bound once, as an eager import would have
+            return value
         if name.startswith("__"):
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         try:

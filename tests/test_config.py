@@ -204,6 +204,22 @@ def test_the_config_imports_neither_torch_nor_a_heavy_module():
     assert set(loaded) <= light, sorted(set(loaded) - light)
 
 
+def test_the_lazy_packages_export_every_name_they_list():
+    """Their names are imported on first use: a name mapped to the wrong submodule fails here, not in a user's
+    script."""
+    import importlib
+
+    for package in ("iwm_fast.models", "iwm_fast.data", "iwm_fast.transforms"):
+        module = importlib.import_module(package)
+        namespace = {}
+        exec(f"from {package} import *", namespace)
+        assert set(module.__all__) <= set(namespace) and set(module.__all__) <= set(dir(module)), package
+    from iwm_fast.models import VIT_SIZES, build_iwm, vit_tiny
+    from iwm_fast.models.choices import VIT_SIZES as owned
+
+    assert VIT_SIZES is owned and build_iwm.__module__ == "iwm_fast.models.factory" and callable(vit_tiny)
+
+
 def test_each_section_validates_itself():
     from iwm_fast.config import DataConfig, MaskConfig, ModelConfig, PredictorConfig, TrainConfig
 
