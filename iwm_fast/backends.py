@@ -1,4 +1,6 @@
-"""Which implementation of each swappable piece a model and its training step use.
+"""Which implementation of each swappable piece a model and its training step use, and the names of them all.
+
+The tuples below are the one list of each op's backends: ``iwm_fast.ops`` and the run config import them.
 
 One ``Backends`` value is passed down: to the model factory (attention and gather, kept by the layers, the
 way ``attn_backend`` always was) and to the training step (EMA and mask sampler). The end-to-end benchmark's
@@ -9,6 +11,7 @@ import dataclasses
 ATTENTION = ("auto", "triton", "sdpa", "eager", "flash_attn", "xformers")
 GATHER = ("auto", "triton", "torch", "ijepa")
 EMA = ("auto", "triton", "foreach", "loop")
+ROPE = ("auto", "triton", "torch")  # iwm_fast.ops.apply_rope's; a model's rotary layers follow its attention
 MASKS = ("host", "device", "ijepa_cpu")
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from iwm_fast.train import checkpoint as ckpt
-from iwm_fast.train.config import load_config
+from iwm_fast.config import load_config
 from iwm_fast.train.guard import NonFiniteLossError
 from iwm_fast.train.loop import train
 
@@ -172,7 +172,7 @@ def test_ijepa_mode_with_clipping_trains(tmp_path):
                          "predictor.conditioning=none", "predictor.target_mode=per_block", "train.loss=smooth_l1"))
     curve = losses(run)
     assert len(curve) == 4 and all(c == c for c in curve)
-    from iwm_fast.train.config import load_config as load
+    from iwm_fast.config import load_config as load
     saved = load(os.path.join(run, "config.yaml"))  # the resolved config is saved with the run
     assert saved.predictor.conditioning == "none" and saved.train.grad_clip == 1.0
 

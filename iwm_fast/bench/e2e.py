@@ -90,7 +90,7 @@ def budget(device, quick):
 
 def case_config(case, config):
     """The run config of ``case`` under ``config``: what ``iwm-train`` would be given."""
-    from ..train.config import load_config
+    from ..config import load_config
 
     overrides = [f"model.size={case.size}", f"model.patch_size={case.patch}", f"data.image_size={case.img}",
                  f"predictor.preset={case.mode}", f"train.batch_size={case.batch}", "train.seed=0",
@@ -159,9 +159,9 @@ class Stepper:
 
         timer = timer or NO_TIMER
         timer.mark("start")
-        mb = make_inputs(self.images, rows=self.rows, global_batch=self.case.batch, grid=self.grid, cfg=self.cfg,
-                         seed=self.seed, step=step, device=self.device, backends=self.config.backends,
-                         masks=self.prefetched.get(step))
+        mb = make_inputs(self.images, rows=self.rows, global_batch=self.case.batch, grid=self.grid,
+                         mask_config=self.cfg.masks, augment=self.cfg.augment, seed=self.seed, step=step,
+                         device=self.device, backends=self.config.backends, masks=self.prefetched.get(step))
         timer.mark("data")
         loss, _ = train_step(self.run.model, self.run.optimizer, [mb], lr=1e-4, wd=0.04, momentum=0.996,
                              scaler=self.run.scaler, backends=self.config.backends, step=step, timer=timer)

@@ -13,7 +13,8 @@ from . import harness
 
 def param_shapes(size, patch_size, depth=None):
     """Shapes of the encoder's parameters, from a model on the meta device (no memory allocated)."""
-    from ..models.vit import VIT_SIZES, VisionTransformer
+    from ..models.choices import VIT_SIZES
+    from ..models.vit import VisionTransformer
 
     s = VIT_SIZES[size]
     with torch.device("meta"):

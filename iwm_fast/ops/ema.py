@@ -24,12 +24,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..backends import EMA as BACKENDS
 from .dispatch import check_backend, use_triton
 
 _TABLE_CACHE = OrderedDict()  # (device, dtypes, aligned, ((t_ptr, o_ptr, numel), ...)) -> device tables
 _TABLE_CACHE_SIZE = 16
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-BACKENDS = ("auto", "triton", "foreach", "loop")
 
 
 def _dtensor_type():

@@ -1,15 +1,11 @@
 """Walk a model, replace each recognised attention module in place, and undo it."""
 import torch.nn as nn
 
+from ..backends import ATTENTION as _BACKENDS
 from .attention import (PatchedAttention, Unsupported, WrapsOriginal, _is_attention_like, _type_name,
                         inspect_attention, probe)
 from .report import ModuleDecision, PatchReport
 from .rope import inspect_rope, is_vjepa2_rope, make_patched_rope, probe_rope
-
-try:  # whatever ops.attention offers (auto, triton, sdpa, and flash_attn/xformers where installed)
-    from ..ops.attention import BACKENDS as _BACKENDS
-except ImportError:
-    _BACKENDS = ("auto", "sdpa", "triton")
 
 
 def _parents(model):
@@ -20,6 +16,39 @@ def _parents(model):
             if child is not None:
                 parents.setdefault(id(child), []).append((module, name))
     return parents
+
+
+def _rope_replacement(module, backend):
+    spec = inspect_rope(module)
+    patched = make_patched_rope(module, spec, backend)
+    probe_rope(module, patched)
+    return patched, (f"heads={spec.num_heads}, head_dim={spec.head_dim}, rotary axes {spec.axes} (V-JEPA 2 "
+                     f"layout), grid_size={spec.grid_size}")
+
+
+def _attention_replacement(module, backend):
+    spec = inspect_attention(module)
+    patched = PatchedAttention(module, spec, backend)
+    probe(module, patched, spec)
+    return patched, (f"heads={spec.num_heads}, head_dim={spec.head_dim}, scale={spec.scale:.6g}"
+                     + (" (assumed head_dim**-0.5)" if spec.scale_assumed else "")
+                     + (", returns (x, None)" if patched.returns_attn_tuple else ""))
+
+
+def _replace(module, path, replacement, *, root, parents, report):
+    """Put ``replacement``'s module in every slot that holds ``module`` and report it; where it is unsupported,
+    report why and return False (its children are then visited)."""
+    try:
+        if module is root:
+            raise Unsupported("the root module cannot be replaced in place; patch its parent")
+        patched, detail = replacement()
+    except Unsupported as e:
+        report.left_alone.append(ModuleDecision(path, _type_name(module), str(e)))
+        return False
+    for parent, name in parents[id(module)]:
+        parent._modules[name] = patched
+    report.replaced.append(ModuleDecision(path, _type_name(module), detail))
+    return True
 
 
 def patch_model(model, *, attention=True, backend="auto"):
@@ -45,39 +74,11 @@ def patch_model(model, *, attention=True, backend="auto"):
         if isinstance(module, WrapsOriginal):
             report.left_alone.append(ModuleDecision(path, _type_name(module.original), "already patched"))
             return
-        if is_vjepa2_rope(module):
-            try:
-                if module is model:
-                    raise Unsupported("the root module cannot be replaced in place; patch its parent")
-                spec = inspect_rope(module)
-                patched = make_patched_rope(module, spec, backend)
-                probe_rope(module, patched)
-            except Unsupported as e:
-                report.left_alone.append(ModuleDecision(path, _type_name(module), str(e)))
-            else:
-                for parent, name in parents[id(module)]:
-                    parent._modules[name] = patched
-                report.replaced.append(ModuleDecision(
-                    path, _type_name(module), f"heads={spec.num_heads}, head_dim={spec.head_dim}, rotary axes "
-                    f"{spec.axes} (V-JEPA 2 layout), grid_size={spec.grid_size}"))
-                return
-        elif _is_attention_like(module):
-            try:
-                if module is model:
-                    raise Unsupported("the root module cannot be replaced in place; patch its parent")
-                spec = inspect_attention(module)
-                patched = PatchedAttention(module, spec, backend)
-                probe(module, patched, spec)
-            except Unsupported as e:
-                report.left_alone.append(ModuleDecision(path, _type_name(module), str(e)))
-            else:
-                for parent, name in parents[id(module)]:
-                    parent._modules[name] = patched
-                detail = (f"heads={spec.num_heads}, head_dim={spec.head_dim}, scale={spec.scale:.6g}"
-                          + (" (assumed head_dim**-0.5)" if spec.scale_assumed else "")
-                          + (", returns (x, None)" if patched.returns_attn_tuple else ""))
-                report.replaced.append(ModuleDecision(path, _type_name(module), detail))
-                return
+        build = (_rope_replacement if is_vjepa2_rope(module)
+                 else _attention_replacement if _is_attention_like(module) else None)
+        if build is not None and _replace(module, path, lambda: build(module, backend), root=model, parents=parents,
+                                          report=report):
+            return
         for name, child in module._modules.items():
             if child is not None:
                 visit(child, f"{path}.{name}" if path else name)

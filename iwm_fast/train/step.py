@@ -51,25 +51,27 @@ def sample_masks(global_batch, grid, m, *, seed, step, device, kind):
                               device=device if kind == "device" else "cpu", **args)
 
 
-def make_inputs(images, *, rows, global_batch, grid, cfg, seed, step, device, backends=FUSED, masks=None):
+def make_inputs(images, *, rows, global_batch, grid, mask_config, augment, seed, step, device, backends=FUSED,
+                masks=None):
     """Build one micro-batch on ``device`` from crop-and-flipped images (uint8 or float in [0, 1]).
 
-    Masks and transformation parameters are drawn for the whole global batch from (seed, step) and sliced by
-    ``rows`` (this rank's positions in it, a CPU tensor), so every sample gets the same views and masks
-    whatever the world size. ``masks`` passes the global batch's (context, targets) sampled elsewhere.
+    Masks (``mask_config``: the config's ``masks`` section) and view parameters (``augment``: its
+    ``TransformConfig``) are drawn for the whole global batch from (seed, step) and sliced by ``rows`` (this rank's
+    positions in it, a CPU tensor), so every sample gets the same views and masks whatever the world size.
+    ``masks`` passes the global batch's (context, targets) sampled elsewhere.
     """
     device = torch.device(device)
     images = images.to(device, non_blocking=True)
     images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
     if masks is None:
-        masks = sample_masks(global_batch, grid, cfg.masks, seed=seed, step=step, device=device,
+        masks = sample_masks(global_batch, grid, mask_config, seed=seed, step=step, device=device,
                              kind=backends.masks)
     ctx, tgt = masks
     rows = rows.to(ctx.device)
     # Host to device without a sync: a non-blocking copy from pageable memory is staged at once and never waits
     # for the device.
     ctx, tgt = ctx[rows].to(device, non_blocking=True), tgt[rows].to(device, non_blocking=True)
-    params = sample_params(global_batch, cfg=cfg.augment, seed=seed, step=step, device="cpu")[rows.cpu()]
+    params = sample_params(global_batch, cfg=augment, seed=seed, step=step, device="cpu")[rows.cpu()]
     params = params.to(device, non_blocking=True)
     # The views' range check reads the images back (a host sync); crops from our loader are in range.
     return StepInputs(source=normalize(apply(images, params, "source", check_range=False)),
