@@ -19,6 +19,9 @@ tree=build/torch214-tree
 rm -rf "$tree"
 mkdir -p "$tree"
 git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$tree"
+# The Triton kernels go where an installed wheel has them (iwm_fast/kernels): a top-level kernels/ folder on
+# sys.path would shadow the `kernels` package that transformers imports.
+mv "$tree/kernels" "$tree/iwm_fast/kernels"
 # The extension is rebuilt only when its sources change (a build takes minutes on two cores).
 key=$(cat setup.py csrc/* | sha256sum | cut -c1-16)
 cache="build/torch214-ext/$key"
@@ -30,7 +33,7 @@ cp "$cache"/_C*.so "$tree/iwm_fast/"
 cd "$tree"
 export TRITON_INTERPRET=1 PYTHONPATH="$PWD"
 tests=("$@")  # default: the integration and export tests, then the kernel, op, compile and engine tests
-[ ${#tests[@]} -gt 0 ] || tests=(tests/test_hf.py tests/test_timm.py tests/test_export.py tests/test_patch.py
+[ ${#tests[@]} -gt 0 ] || tests=(tests/test_hf.py tests/test_timm.py tests/test_export.py tests/test_setup.py tests/test_patch.py
   tests/test_rope_patch.py tests/test_attention.py tests/test_gather.py tests/test_ema.py tests/test_masks_ext.py
   tests/test_models.py tests/test_engine.py tests/test_host_reads.py tests/test_ops_opcheck.py)
 exec "$root/$venv/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
