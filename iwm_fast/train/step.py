@@ -12,7 +12,6 @@ import torch.distributed as dist
 from .. import ops
 from ..backends import FUSED
 from ..masks import sample_block_masks
-from ..masks.ijepa_loop import ijepa_loop_masks
 from ..transforms import action_vector, apply, normalize, sample_params
 
 
@@ -36,19 +35,16 @@ class NoTimer:
 NO_TIMER = NoTimer()
 
 
-def sample_masks(global_batch, grid, m, *, seed, step, device, kind):
-    """(context [B, Nc], targets [B, M, Nt]) of the whole global batch, from (seed, step).
+def sample_masks(global_batch, grid, m, *, seed, step, device, backend):
+    """(context [B, Nc], targets [B, M, Nt]) of the whole global batch, from (seed, step), by the mask sampler
+    ``backend`` (``iwm_fast.backends.MASKS``).
 
-    ``host`` (our C++ op on the CPU) and ``ijepa_cpu`` stay on the host for the caller to slice and copy;
-    ``device`` samples on the training device, whose op reads the batch's token counts back (one host sync)."""
-    args = dict(num_targets=m.num_targets, target_scale=m.target_scale, target_aspect=m.target_aspect,
-                context_scale=m.context_scale, min_keep=m.min_keep, seed=seed, step=step)
-    if kind == "ijepa_cpu":
-        if m.allow_overlap:
-            raise ValueError("Backends(masks='ijepa_cpu') does not take masks.allow_overlap=true")
-        return ijepa_loop_masks(global_batch, grid, **args)
-    return sample_block_masks(global_batch, grid, allow_overlap=m.allow_overlap,
-                              device=device if kind == "device" else "cpu", **args)
+    ``cuda`` samples on the training device, whose op reads the batch's token counts back (one host sync); every
+    other backend samples on the host, for the caller to slice and copy asynchronously."""
+    return sample_block_masks(global_batch, grid, num_targets=m.num_targets, target_scale=m.target_scale,
+                              target_aspect=m.target_aspect, context_scale=m.context_scale, min_keep=m.min_keep,
+                              allow_overlap=m.allow_overlap, seed=seed, step=step,
+                              device=device if backend == "cuda" else "cpu", backend=backend)
 
 
 def make_inputs(images, *, rows, global_batch, grid, mask_config, augment, seed, step, device, backends=FUSED,
@@ -65,7 +61,7 @@ def make_inputs(images, *, rows, global_batch, grid, mask_config, augment, seed,
     images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
     if masks is None:
         masks = sample_masks(global_batch, grid, mask_config, seed=seed, step=step, device=device,
-                             kind=backends.masks)
+                             backend=backends.masks)
     ctx, tgt = masks
     rows = rows.to(ctx.device)
     # Host to device without a sync: a non-blocking copy from pageable memory is staged at once and never waits
