@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels run on the CPU under the interpreter, which must be switched on before triton
@@ -21,3 +22,19 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     for _m in pkgutil.iter_modules(iwm_fast.kernels.__path__):
         importlib.import_module(f"iwm_fast.kernels.{_m.name}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "interpreter: needs the Triton interpreter; skipped where a GPU runs the real "
+                                       "kernels (TRITON_INTERPRET is not '1')")
+
+
+def pytest_collection_modifyitems(config, items):
+    skips = {"cuda": (not torch.cuda.is_available(), "needs a CUDA device"),
+             "interpreter": (os.environ.get("TRITON_INTERPRET") != "1",
+                             "needs the Triton interpreter (TRITON_INTERPRET=1); a GPU runs the real kernels")}
+    for item in items:
+        for marker, (skip, reason) in skips.items():
+            if skip and item.get_closest_marker(marker) is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))

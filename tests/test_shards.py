@@ -231,11 +231,9 @@ def test_training_from_shards_resumes_bit_identically(shard_dir, tmp_path, monke
             f"data.root={shard_dir / 'out'}", f"train.out_dir={out}"])
 
     def final(run):
-        try:
-            from iwm_fast.models import build_iwm as build
-        except ImportError:  # before the model factory
-            from iwm_fast.train.loop import build_model as build
-        model = build(load_config(os.path.join(run, "config.yaml")))
+        from iwm_fast.models import build_iwm
+
+        model = build_iwm(load_config(os.path.join(run, "config.yaml")))
         ckpt.load_checkpoint(ckpt.latest_checkpoint(os.path.join(run, "checkpoints")), model)
         return model.state_dict()
 

@@ -57,9 +57,9 @@ class Config:
 
 CONFIGS = {
     "a_ijepa_eager": Config("(a) I-JEPA-style eager",
-                            Backends(attention="eager", gather="ijepa", ema="loop", masks="ijepa_cpu")),
+                            Backends(attention="eager", gather="ijepa", ema="loop", masks="ijepa")),
     "b_pytorch_compile": Config("(b) PyTorch best practice + compile",
-                                Backends(attention="sdpa", gather="torch", ema="foreach", masks="ijepa_cpu"),
+                                Backends(attention="sdpa", gather="torch", ema="foreach", masks="ijepa"),
                                 compile=True, prefetched_masks=True),
     "c_iwm_fast": Config("(c) iwm-fast kernels", Backends()),
     "d_iwm_fast_compile": Config("(d) iwm-fast kernels + compile", Backends(), compile=True),
@@ -151,7 +151,7 @@ class Stepper:
         if config.prefetched_masks:  # produced off the critical path, as by DataLoader workers
             for s in range(total_steps):
                 ctx, tgt = sample_masks(case.batch, self.grid, self.cfg.masks, seed=seed, step=s, device=self.device,
-                                        kind=config.backends.masks)
+                                        backend=config.backends.masks)
                 self.prefetched[s] = (ctx.pin_memory(), tgt.pin_memory()) if self.cuda else (ctx, tgt)
 
     def step(self, step, timer):

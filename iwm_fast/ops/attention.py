@@ -256,6 +256,4 @@ def attention(q, k, v, *, scale=None, key_lengths=None, block_causal=None, backe
         scale = q.shape[-1] ** -0.5
     if backend == "auto":
         backend = "triton" if use_triton("attention", "auto", q.device, supported=_triton_takes(q)) else "sdpa"
-    if not block:  # the existing call, unchanged
-        return _RUNNERS[backend](q, k, v, scale, key_lengths)
     return _RUNNERS[backend](q, k, v, scale, key_lengths, block)
