@@ -61,8 +61,11 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir, enabled=True, resume_step=0):
+        from ..run_dir import RunDir
+
+        run = RunDir(run_dir)  # a RunDir or its path
         self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.csv")
+        self.path = run.metrics_path
         self._tb = None
         self._file = None
         if not enabled:
@@ -76,7 +79,7 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self._tb = SummaryWriter(run.tensorboard_dir)
         except Exception as e:  # TensorBoard is optional for a run; the CSV is the record
             print(f"[iwm-fast] TensorBoard logging off: {e}", file=sys.stderr)
 
