@@ -29,6 +29,7 @@ COLUMNS = ("variant", "description", "mrr", "mrr_chance", "probe_acc", "probe_ac
 def run_variant(name, overrides, *, out, steps, seed, finetune_epochs, config="configs/demo_cpu.yaml",
                 finetune_batch_size=64):
     from .finetune import FinetuneArgs, finetune
+    from .run_dir import RunDir
     from .config import load_config
     from .train.loop import train
 
@@ -36,7 +37,7 @@ def run_variant(name, overrides, *, out, steps, seed, finetune_epochs, config="c
     cfg = load_config(config, overrides + [f"train.out_dir={run_dir}", f"train.steps={steps}",
                                            f"train.seed={seed}"])
     train(cfg)
-    with open(os.path.join(run_dir, "eval.json")) as f:
+    with open(RunDir(run_dir).eval_path) as f:
         ev = json.load(f)
     ft = {init: finetune(run_dir, FinetuneArgs(protocol="predictor", epochs=finetune_epochs, seed=seed,
                                                batch_size=finetune_batch_size, predictor_init=init))

@@ -12,7 +12,6 @@ reads; predictions live in the target encoder's layer-normed space, where ``targ
 images. ``wm.save(path)`` writes config and weights to one file that ``WorldModel.load(path)`` reads back.
 """
 import os
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -92,24 +91,11 @@ class WorldModel:
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_run(cls, run_dir, *, device="cpu"):
-        """The run's ``config.yaml`` and the weights of its latest complete checkpoint."""
-        from .train import checkpoint as ckpt
-        from .config import load_config
+        """The run's ``config.yaml`` and the weights of its newest checkpoint that verifies."""
+        from .run_dir import RunDir
 
-        cfg_path = os.path.join(run_dir, "config.yaml")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
-        cfg = load_config(cfg_path)
-        path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-        if path is None:
-            raise FileNotFoundError(f"{run_dir} holds no weights: no complete checkpoint under "
-                                    f"{os.path.join(run_dir, 'checkpoints')} (train it first, or use WorldModel.load "
-                                    "on a saved world model)")
-        model = build_iwm(cfg)
-        with warnings.catch_warnings():  # DCP's note that it loads in one process: that is the intent here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            meta = ckpt.load_checkpoint(path, model)
-        return cls(model, cfg, step=meta["step"], device=device)
+        loaded = RunDir(run_dir).load_model()
+        return cls(loaded.model, loaded.cfg, step=loaded.step, device=device)
 
     def save(self, path):
         """One file with the config and the whole model (encoders and predictor); ``WorldModel.load`` reads it."""

@@ -102,6 +102,17 @@ def test_iwm_eval_takes_only_eval_overrides(finished_run, capsys):
     assert sorted(os.listdir(finished_run)) == before
 
 
+@pytest.mark.parametrize("override, reason", [("eval.bank_size=1", "eval.bank_size must be an integer >= 2"),
+                                              ("eval.bank_sise=8", "unknown config key 'eval.bank_sise'")])
+def test_a_bad_iwm_eval_override_is_blamed_on_the_override(finished_run, capsys, override, reason):
+    # The run's config.yaml is fine: the message must not send the user to restore or delete it.
+    before = sorted(os.listdir(finished_run))
+    code, err = _exit_code(eval_main, [str(finished_run), override], capsys)
+    _one_line_error(code, err, f"bad override {override}: {reason}", prog="iwm-eval")
+    assert "restore" not in err[-1] and "delete" not in err[-1]
+    assert sorted(os.listdir(finished_run)) == before
+
+
 def test_iwm_eval_on_a_read_only_run_prints_its_results(finished_run, capsys, monkeypatch, caplog):
     from iwm_fast.train import evaluate
 

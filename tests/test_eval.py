@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from iwm_fast.eval import (MrrSettings, QueryBatch, evaluate, extract_features, format_summary, linear_probe,
-                           mrr_chance, plot_loss_curve, probe_encoder, random_like, reciprocal_ranks, world_model_mrr,
-                           write_eval)
+                           mrr_chance, plot_loss_curve, probe_encoder, random_init_encoder, reciprocal_ranks,
+                           world_model_mrr, write_eval)
 from iwm_fast.eval.probe import fit_linear_probe
 from iwm_fast.models import IWM, IWMPredictor, VisionTransformer
 from iwm_fast.transforms import ACTION_DIM, TransformConfig, normalize
@@ -111,33 +111,30 @@ def test_extract_features_matches_manual_pooling_and_restores_mode():
     torch.testing.assert_close(extract_features(enc, u8, 16), extract_features(enc, u8.float() / 255, 16))
 
 
-def test_random_like_rebuilds_architecture_with_fresh_seeded_weights():
-    trained = tiny_vit(seed=5)
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.add_(1.0)  # "training" moved every weight
+def test_random_init_control_is_the_runs_encoder_at_initialisation():
+    from iwm_fast.models import build_iwm
+    from iwm_fast.models.vit import build_vit
+    from iwm_fast.config import load_config
+
+    cfg = load_config("configs/demo_cpu.yaml", ["model.depth=2", "predictor.depth=1", "train.seed=7"])
     state = torch.get_rng_state()
-    r1, r2 = random_like(trained, seed=7), random_like(trained, seed=7)
+    r1, r2 = random_init_encoder(cfg, 7), random_init_encoder(cfg, 7)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
-    s_tr, s1, s2 = trained.state_dict(), r1.state_dict(), r2.state_dict()
-    assert s1.keys() == s_tr.keys()
-    for k in s1:
-        assert s1[k].shape == s_tr[k].shape
-        assert torch.equal(s1[k], s2[k])
-    assert not torch.equal(s1["blocks.0.attn.qkv.weight"], s_tr["blocks.0.attn.qkv.weight"])
-    # the constructor's own init, seeded: equal to a fresh build from the same seed
+    assert not any(p.requires_grad for p in r1.parameters())
+    # the encoder's own constructor, seeded: what build_vit gives from the same seed
     torch.manual_seed(7)
-    fresh = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, attn_backend="sdpa")
-    for k, v in fresh.state_dict().items():
-        assert torch.equal(v, s1[k]), k
-    with pytest.raises(TypeError, match="VisionTransformer"):
-        random_like(torch.nn.Linear(2, 2))
-    # a non-default patch-embedding init is part of the architecture's initialisation too
-    wide = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, attn_backend="sdpa",
-                             patch_init_std=0.5)
-    twin = random_like(wide, seed=7)
-    assert twin.patch_init_std == 0.5
-    assert abs(twin.patch_embed.proj.weight.std().item() - 0.5) < 0.1
+    ref = build_vit("tiny", img_size=32, patch_size=4, depth=2, patch_init_std=0.06).state_dict()
+    s1, s2 = r1.state_dict(), r2.state_dict()
+    assert s1.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(s1[k], ref[k]) and torch.equal(s2[k], ref[k]), k
+    # the run's model at step 0 is this control; another seed is another control
+    assert torch.equal(build_iwm(cfg).target_encoder.blocks[0].attn.qkv.weight, s1["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(random_init_encoder(cfg, 8).state_dict()["blocks.0.attn.qkv.weight"],
+                           s1["blocks.0.attn.qkv.weight"])
+    # a non-default patch-embedding init is part of the run's initialisation too
+    wide = load_config("configs/demo_cpu.yaml", ["model.depth=2", "predictor.depth=1", "model.patch_init_std=0.5"])
+    assert abs(random_init_encoder(wide, 0).patch_embed.proj.weight.std().item() - 0.5) < 0.1
 
 
 def test_probe_encoder_reports_both_accuracies():
@@ -150,11 +147,16 @@ def test_probe_encoder_reports_both_accuracies():
         return x, y
     (xtr, ytr), (xva, yva) = make(90), make(60)
     enc = tiny_vit(seed=1)
-    out = probe_encoder(enc, xtr, ytr, xva, yva, batch_size=32, epochs=30, wd=(1e-3, 1e-1), seed=0)
-    assert set(out) >= {"probe_acc", "probe_acc_random", "probe_wd", "probe_wd_random"}
+    out = probe_encoder(enc, xtr, ytr, xva, yva, batch_size=32, epochs=30, wd=(1e-3, 1e-1), seed=0,
+                        random_encoder=tiny_vit(seed=2))
+    assert set(out) == {"probe_acc", "probe_acc_random", "probe_wd", "probe_wd_random"}
     assert out["probe_acc"] > 0.9 and out["probe_acc_random"] > 0.9
+    alone = probe_encoder(enc, xtr, ytr, xva, yva, batch_size=32, epochs=30, wd=(1e-3, 1e-1), seed=0)
+    assert alone == {"probe_acc": out["probe_acc"], "probe_wd": out["probe_wd"]}  # no control, no control keys
+    ftr, fva = extract_features(enc, xtr, 32), extract_features(enc, xva, 32)
+    assert alone["probe_acc"] == fit_linear_probe(ftr, ytr, fva, yva, epochs=30, wd=(1e-3, 1e-1)).accuracy
     same = probe_encoder(enc, xtr, ytr, xva, yva, batch_size=32, epochs=30, wd=1e-3, seed=0,
-                         random_encoder=lambda seed: enc)
+                         random_encoder=enc)
     assert same["probe_wd"] == same["probe_wd_random"] == 1e-3
     assert same["probe_acc_random"] == same["probe_acc"]
 
@@ -286,13 +288,13 @@ def test_mrr_rejects_bad_arguments():
 def test_write_eval_and_summary(tmp_path):
     res = {"probe_acc": torch.tensor(0.91), "probe_acc_random": 0.5, "mrr": 0.123456, "mrr_chance": 0.0239,
            "mrr_bank_size": 256, "note": "x", "bad": float("nan")}
-    path = write_eval(tmp_path / "run", res)
+    path = write_eval(tmp_path / "run" / "eval.json", res)
     data = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert path.endswith("eval.json")
     assert data["probe_acc"] == pytest.approx(0.91) and data["mrr_bank_size"] == 256 and data["bad"] is None
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["eval.json"]  # no temp file left
     with pytest.raises(ValueError, match="mrr"):
-        write_eval(tmp_path, {"probe_acc": 1.0, "probe_acc_random": 0.5})
+        write_eval(tmp_path / "eval.json", {"probe_acc": 1.0, "probe_acc_random": 0.5})
     table = format_summary(res)
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "value"]
@@ -321,8 +323,9 @@ def test_evaluate_end_to_end(tmp_path):
     g = torch.Generator().manual_seed(0)
     xtr, ytr = images(40, seed=1), torch.randint(3, (40,), generator=g)
     xva, yva = images(20, seed=2), torch.randint(3, (20,), generator=g)
-    res = evaluate(model, xtr, ytr, xva, yva, bank_size=8, num_queries=4, batch_size=32, probe_epochs=20)
-    write_eval(tmp_path, res)
+    res = evaluate(model, xtr, ytr, xva, yva, random_encoder=tiny_vit(seed=3), bank_size=8, num_queries=4,
+                   batch_size=32, probe_epochs=20)
+    write_eval(tmp_path / "eval.json", res)
     data = json.loads((tmp_path / "eval.json").read_text())
     for k in ("probe_acc", "probe_acc_random", "mrr", "mrr_chance"):
         assert 0 <= data[k] <= 1
@@ -335,9 +338,13 @@ def test_evaluate_stages_give_the_same_numbers_as_the_parts():
     g = torch.Generator().manual_seed(0)
     xtr, ytr = images(40, seed=1), torch.randint(3, (40,), generator=g)
     xva, yva = images(20, seed=2), torch.randint(3, (20,), generator=g)
-    res = evaluate(model, xtr, ytr, xva, yva, bank_size=8, num_queries=4, batch_size=16, probe_epochs=20,
-                   show_progress=False)
-    ref = probe_encoder(model.target_encoder, xtr, ytr, xva, yva, batch_size=16, epochs=20)
+    res = evaluate(model, xtr, ytr, xva, yva, random_encoder=tiny_vit(seed=3), bank_size=8, num_queries=4,
+                   batch_size=16, probe_epochs=20, show_progress=False)
+    feats = [(extract_features(enc, xtr, 16), extract_features(enc, xva, 16)) for enc in (model.target_encoder,
+                                                                                           tiny_vit(seed=3))]
+    fits = [fit_linear_probe(ftr, ytr, fva, yva, epochs=20) for ftr, fva in feats]
+    ref = {"probe_acc": fits[0].accuracy, "probe_wd": fits[0].wd, "probe_acc_random": fits[1].accuracy,
+           "probe_wd_random": fits[1].wd}
     ref.update(world_model_mrr(model, xva, MrrSettings(bank_size=8, num_queries=4, batch_size=16)))
     for k, v in ref.items():
         assert res[k] == v, k
@@ -350,7 +357,8 @@ def test_evaluate_writes_the_world_model_picture_and_shows_progress(tmp_path, ca
     xva, yva = images(12, seed=2), torch.randint(3, (12,), generator=g)
     png = tmp_path / "world_model.png"
     with caplog.at_level("INFO", logger="iwm_fast"):
-        res = evaluate(model, xtr, ytr, xva, yva, bank_size=40, num_queries=3, batch_size=16, probe_epochs=5,
+        res = evaluate(model, xtr, ytr, xva, yva, random_encoder=tiny_vit(seed=3), bank_size=40, num_queries=3,
+                       batch_size=16, probe_epochs=5,
                        picture=str(png), examples=2)
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
     ex = res["examples"]
@@ -384,7 +392,7 @@ def test_eval_json_has_the_usual_file_mode(tmp_path):
 
     umask = os.umask(0o022)
     try:
-        path = write_eval(str(tmp_path), {k: 0.5 for k in REQUIRED_KEYS})
+        path = write_eval(str(tmp_path / "eval.json"), {k: 0.5 for k in REQUIRED_KEYS})
     finally:
         os.umask(umask)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644

@@ -174,3 +174,38 @@ def test_study_writes_its_table_and_figure(tmp_path):
     for r in rows:  # the paper's control: each variant's predictor architecture fine-tuned from random init
         saved = json.loads((tmp_path / r["variant"] / "finetune_predictor_random.json").read_text())
         assert saved["predictor_init"] == "random" and float(r["finetune_predictor_random_acc"]) == saved["accuracy"]
+
+
+def test_an_interrupted_finetune_resumes_where_it_stopped(run_dir, tmp_path, monkeypatch, caplog):
+    # Killed in its second epoch, the rerun resumes from the first epoch's checkpoint and ends bit-identical to a
+    # run that was never interrupted (weights, optimizer-driven history, metrics rows).
+    from iwm_fast.finetune import train as ft_train
+
+    args = FinetuneArgs(protocol="predictor", **QUICK, seed=11)
+    ref_res, ref_net = run_finetune(fresh(run_dir, tmp_path, "ref"), args)
+    steps_per_epoch = ref_res["steps"] // args.epochs
+    real_step, calls = ft_train.finetune_step, []
+
+    def dies_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == steps_per_epoch + 1:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    killed = fresh(run_dir, tmp_path, "killed")
+    monkeypatch.setattr(ft_train, "finetune_step", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(killed, args)
+    monkeypatch.setattr(ft_train, "finetune_step", real_step)
+    with caplog.at_level("INFO", logger="iwm_fast"):
+        res, net = run_finetune(killed, args)
+    assert "resumed finetune_predictor" in caplog.text and "(epoch 1)" in caplog.text
+    assert res["val_accuracy_per_epoch"] == ref_res["val_accuracy_per_epoch"]
+    a, b = final_state(net), final_state(ref_net)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    import csv
+    rows = [list(csv.DictReader(open(os.path.join(d, "finetune_predictor", "metrics.csv"))))
+            for d in (killed, str(tmp_path / "ref"))]
+    assert [(r["step"], r["loss"]) for r in rows[0]] == [(r["step"], r["loss"]) for r in rows[1]]
+    with pytest.raises(ValueError, match="holds a fine-tuning with other settings"):
+        run_finetune(killed, FinetuneArgs(protocol="predictor", **{**QUICK, "lr": 2e-3}, seed=11))

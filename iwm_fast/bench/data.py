@@ -197,7 +197,9 @@ def engine_data_wait(root, device, workers, steps, out_dir):
         f"train.steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=1000", "eval.enabled=false",
         f"train.out_dir={out_dir}"])
     run_dir = train(cfg)
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
+    from ..run_dir import RunDir
+
+    with open(RunDir(run_dir).metrics_path) as f:
         rows = list(csv.DictReader(f))
     waits = [float(r["data_wait_frac"]) for r in rows[1:]]
     steps_s = [float(r["step_time_s"]) for r in rows[1:]]

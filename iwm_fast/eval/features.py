@@ -1,10 +1,7 @@
-"""Frozen-encoder features: average-pooled tokens of an encoder in eval mode, and a random-init twin."""
+"""Frozen-encoder features: average-pooled tokens of an encoder in eval mode, and a run's random-init control."""
 import contextlib
 
 import torch
-import torch.nn as nn
-
-from ..models.vit import VisionTransformer
 
 
 def _module_device(module):
@@ -69,49 +66,10 @@ def extract_features(encoder, images, batch_size=256, device=None):
     return torch.cat(feats)
 
 
-def _vit_constructor_args(vit):
-    block = vit.blocks[0] if len(vit.blocks) else None
-    hidden = block.mlp.fc1.out_features if block is not None else int(vit.embed_dim * 4)
-    return dict(img_size=vit.img_size, patch_size=vit.patch_size, in_chans=vit.in_chans, embed_dim=vit.embed_dim,
-                depth=len(vit.blocks), num_heads=vit.num_heads,
-                # +0.5 so that int(dim * ratio) in the constructor gives back exactly `hidden`
-                mlp_ratio=(hidden + 0.5) / vit.embed_dim,
-                qkv_bias=block.attn.qkv.bias is not None if block is not None else True,
-                init_std=vit.init_std, attn_backend=block.attn.backend if block is not None else "auto",
-                patch_init_std=getattr(vit, "patch_init_std", None))
+def random_init_encoder(cfg, seed, backends=None):
+    """The random-init control of a run: the (frozen) target encoder of ``build_iwm(cfg, seed=seed)``, exactly
+    what training starts from when ``seed`` is the run's ``train.seed``. The global RNG is left as it was."""
+    from ..models import build_iwm
 
-
-def random_like(encoder, seed=0):
-    """A freshly initialised encoder of the same architecture, seeded, on the same device and dtype.
-
-    A ``VisionTransformer`` is rebuilt with its own constructor (and so its own initialisation) from the
-    arguments read off the trained module; the global RNG state is left untouched. For other encoders pass
-    a factory to ``probe_encoder(random_encoder=...)`` instead.
-    """
-    if not isinstance(encoder, VisionTransformer):
-        raise TypeError(f"random_like rebuilds VisionTransformer encoders only, got {type(encoder).__name__}; "
-                        "pass random_encoder=<module or callable(seed)> instead")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        fresh = VisionTransformer(**_vit_constructor_args(encoder))
-    ref = {k: v.shape for k, v in encoder.state_dict().items()}
-    got = {k: v.shape for k, v in fresh.state_dict().items()}
-    if ref != got:
-        raise ValueError("could not rebuild the encoder's architecture (state dict keys or shapes differ); "
-                         "pass random_encoder=<module or callable(seed)> instead")
-    fresh.requires_grad_(False)
-    return fresh.to(device=_module_device(encoder), dtype=_module_dtype(encoder))
-
-
-def build_random_encoder(encoder, random_encoder=None, seed=0):
-    """Resolve the random baseline: None -> ``random_like``; a module is used as is; a callable gets ``seed``."""
-    if random_encoder is None:
-        return random_like(encoder, seed)
-    if isinstance(random_encoder, nn.Module):
-        return random_encoder
-    if callable(random_encoder):
-        module = random_encoder(seed)
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"random_encoder factory returned {type(module).__name__}, expected an nn.Module")
-        return module
-    raise TypeError(f"random_encoder must be None, an nn.Module or a callable(seed), got {type(random_encoder)}")
+        return build_iwm(cfg, backends, seed=seed).target_encoder.requires_grad_(False)

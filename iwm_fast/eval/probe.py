@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .features import build_random_encoder, extract_features
+from .features import extract_features
+from .progress import progress_bar
 
 DEFAULT_WD_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 # Below this many feature values a CPU fit runs on one thread: each L-BFGS evaluation is then a few tens of
@@ -139,23 +140,41 @@ def linear_probe(train_feats, train_labels, val_feats, val_labels, *, epochs=100
                             seed=seed, device=device).accuracy
 
 
-def probe_encoder(encoder, train_images, train_labels, val_images, val_labels, *, batch_size=256, device=None,
-                  epochs=100, lr=1.0, wd: Union[float, Sequence[float]] = DEFAULT_WD_GRID, seed=0,
-                  compare_random=True, random_encoder=None) -> dict:
-    """Linear probe on the encoder's average-pooled features, and on a randomly initialised twin.
+def _pooled_features(encoders, splits, batch_size, device, bar):
+    """Each encoder's features of each split, batch by batch so that ``bar`` moves."""
+    out = []
+    for enc in encoders:
+        per_split = []
+        for x in splits:
+            feats = []
+            for start in range(0, x.shape[0], batch_size):
+                feats.append(extract_features(enc, x[start:start + batch_size], batch_size, device))
+                bar.update(feats[-1].shape[0])
+            per_split.append(torch.cat(feats))
+        out.append(per_split)
+    return out
 
-    Returns ``probe_acc`` and ``probe_wd``, plus ``probe_acc_random`` and ``probe_wd_random`` when
-    ``compare_random``. The random encoder is ``random_like(encoder, seed)`` unless ``random_encoder`` gives
-    a module or a ``callable(seed)``; both probes use identical settings.
+
+def probe_encoder(encoder, train_images, train_labels, val_images, val_labels, *, random_encoder=None,
+                  batch_size=256, device=None, epochs=100, lr=1.0, wd: Union[float, Sequence[float]] = DEFAULT_WD_GRID,
+                  seed=0, show_progress=False, stage="eval") -> dict:
+    """Linear probe on the encoder's average-pooled features, and on ``random_encoder`` (the random-init control,
+    e.g. ``features.random_init_encoder``) with identical settings when one is given.
+
+    Returns ``probe_acc`` and ``probe_wd``, plus ``probe_acc_random`` and ``probe_wd_random`` with a control.
+    The evaluation and the fine-tuning's probe protocol both run this; ``show_progress`` draws two bars,
+    ``"<stage>: features"`` and ``"<stage>: linear probe"``.
     """
-    def run(enc):
-        ftr = extract_features(enc, train_images, batch_size, device)
-        fva = extract_features(enc, val_images, batch_size, device)
-        return fit_linear_probe(ftr, train_labels, fva, val_labels, epochs=epochs, lr=lr, wd=wd, seed=seed)
-
-    trained = run(encoder)
-    out = {"probe_acc": trained.accuracy, "probe_wd": trained.wd}
-    if compare_random:
-        baseline = run(build_random_encoder(encoder, random_encoder, seed))
-        out.update(probe_acc_random=baseline.accuracy, probe_wd_random=baseline.wd)
+    encoders = [encoder] + ([random_encoder] if random_encoder is not None else [])
+    total = len(encoders) * (train_images.shape[0] + val_images.shape[0])
+    with progress_bar(total, f"{stage}: features", "img", enabled=show_progress) as bar:
+        feats = _pooled_features(encoders, [train_images, val_images], batch_size, device, bar)
+    grid = set(wd) if isinstance(wd, (list, tuple)) else {wd}
+    fits = len(encoders) * (len(grid) + (len(grid) > 1))
+    with progress_bar(fits, f"{stage}: linear probe", "fit", enabled=show_progress) as bar:
+        res = [fit_linear_probe(ftr, train_labels, fva, val_labels, epochs=epochs, lr=lr, wd=wd, seed=seed,
+                                on_fit=lambda: bar.update(1)) for ftr, fva in feats]
+    out = {"probe_acc": res[0].accuracy, "probe_wd": res[0].wd}
+    if random_encoder is not None:
+        out.update(probe_acc_random=res[1].accuracy, probe_wd_random=res[1].wd)
     return out

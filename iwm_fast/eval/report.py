@@ -32,22 +32,21 @@ def _plain(v):
     if isinstance(v, numbers.Real):
         v = float(v)
         return v if math.isfinite(v) else None
-    raise TypeError(f"cannot write {type(v).__name__} value {v!r} to eval.json")
+    raise TypeError(f"cannot write {type(v).__name__} value {v!r} as JSON")
 
 
-def write_eval(run_dir, results: dict) -> str:
-    """Write ``RUN_DIR/eval.json`` atomically (a crash never leaves a half-written file); returns its path."""
-    missing = [k for k in REQUIRED_KEYS if k not in results]
-    if missing:
-        raise ValueError(f"evaluation results lack the required keys {missing}")
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "eval.json")
-    fd, tmp = tempfile.mkstemp(prefix=".eval.", suffix=".json.tmp", dir=run_dir)
+def write_json(path, data) -> str:
+    """Write ``data`` (numbers as plain JSON values) to ``path`` atomically: a crash never leaves a half-written
+    file. Returns the path."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_plain(results), f, indent=2, sort_keys=True)
+            json.dump(_plain(data), f, indent=2, sort_keys=True)
             f.write("\n")
-        # mkstemp makes the file private (0600); eval.json is read by others like every file of the run
+        # mkstemp makes the file private (0600); a run's outputs are read by others like every file of the run
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -57,6 +56,14 @@ def write_eval(run_dir, results: dict) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_eval(path, results: dict) -> str:
+    """Write the evaluation ``results`` to ``path`` (a run's ``eval.json``) atomically; returns the path."""
+    missing = [k for k in REQUIRED_KEYS if k not in results]
+    if missing:
+        raise ValueError(f"evaluation results lack the required keys {missing}")
+    return write_json(path, results)
 
 
 def _fmt(v):

@@ -34,19 +34,25 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="[iwm-fast] %(message)s", stream=sys.stderr)
+    from ..run_dir import RunDir
+    from ..train.checkpoint import CheckpointError
     from ..config import ConfigError
+    from ..train.guard import NonFiniteLossError
     from .run import finetune
 
     try:
         results = finetune(a.run_dir, args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except NonFiniteLossError as e:
+        logging.getLogger("iwm_fast").error("%s", e)
+        return 3
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     print(f"{args.name}: accuracy {results['accuracy']:.4f}, trainable parameters {results['trainable_params']}, "
-          f"{results['seconds']:.1f} s -> {a.run_dir}/{args.name}.json")
+          f"{results['seconds']:.1f} s -> {RunDir(a.run_dir).finetune_path(args.name)}")
     return 0
 
 

@@ -131,21 +131,6 @@ def read_meta(path):
     return meta
 
 
-_verified = {}  # path -> the files' (name, size, mtime) when last verified, so a load right after a look-up
-# does not hash the whole checkpoint twice
-
-
-def _signature(path, names):
-    sig = []
-    for name in sorted(names) + [META]:
-        try:
-            st = os.stat(os.path.join(path, name))
-            sig.append((name, st.st_size, st.st_mtime_ns))
-        except OSError:
-            sig.append((name, None, None))
-    return tuple(sig)
-
-
 def verify_checkpoint(path):
     """Check every file of a complete checkpoint against the sizes and checksums in its meta.json.
 
@@ -156,9 +141,6 @@ def verify_checkpoint(path):
     files = meta.get("files")
     if files is None:
         log.warning("%s was written without checksums: its files cannot be verified", path)
-        return meta
-    sig = _signature(path, files)
-    if _verified.get(path) == sig:
         return meta
     for name in sorted(files):
         record, file = files[name], os.path.join(path, name)
@@ -174,17 +156,17 @@ def verify_checkpoint(path):
             raise CheckpointError(f"{file} is unreadable ({e})") from None
         if digest != record.get(HASH):
             raise CheckpointError(f"{file} is corrupted: its checksum differs from the one in meta.json")
-    _verified[path] = sig
     return meta
 
 
-def latest_valid_checkpoint(ckpt_dir):
+def latest_valid_checkpoint(ckpt_dir, *, verify=verify_checkpoint):
     """``(path, skipped)``: the newest complete checkpoint whose files verify (None if there is none), and one
-    line per newer checkpoint skipped, saying why."""
+    line per newer checkpoint skipped, saying why. ``verify(path)`` raises CheckpointError for a bad one
+    (``iwm_fast.run_dir.RunDir`` passes its own, which verifies each checkpoint once)."""
     skipped = []
     for path in reversed(complete_checkpoints(ckpt_dir)):
         try:
-            verify_checkpoint(path)
+            verify(path)
         except CheckpointError as e:
             skipped.append(f"skipped {path}: {e}")
             continue
@@ -193,11 +175,12 @@ def latest_valid_checkpoint(ckpt_dir):
 
 
 def latest_checkpoint(ckpt_dir, *, verify=True):
-    """The newest complete checkpoint that verifies (logging each newer one skipped and why), or None."""
+    """The newest complete checkpoint that verifies (logging each newer one skipped and why), or None.
+    ``verify``: False takes the newest complete one unchecked; a callable replaces ``verify_checkpoint``."""
     if not verify:
         done = complete_checkpoints(ckpt_dir)
         return done[-1] if done else None
-    path, skipped = latest_valid_checkpoint(ckpt_dir)
+    path, skipped = latest_valid_checkpoint(ckpt_dir, verify=verify_checkpoint if verify is True else verify)
     if _rank() == 0:
         for line in skipped:
             log.warning("%s", line)

@@ -1,10 +1,11 @@
 """The checkpointer component: when to save, what to resume from, and the guarantee that no saved weights are
-non-finite. The file format and atomicity are ``iwm_fast.train.checkpoint``'s."""
+non-finite. The file format and atomicity are ``iwm_fast.train.checkpoint``'s; which checkpoint is the newest
+that verifies is the run directory's (``iwm_fast.run_dir.RunDir``)."""
 import logging
-import os
 
 import torch
 
+from ..run_dir import RunDir
 from . import checkpoint as ckpt
 from .guard import NonFiniteLossError
 
@@ -12,17 +13,19 @@ log = logging.getLogger("iwm_fast")
 
 
 class Checkpointer:
-    def __init__(self, run_dir, *, every, total_steps, keep, rank):
-        self.dir = os.path.join(run_dir, "checkpoints")
+    """Saves every ``every`` steps and at ``total_steps`` into ``run``'s checkpoints, keeping ``keep``."""
+
+    def __init__(self, run, *, every, total_steps, keep, rank):
+        self.run = RunDir(run)
+        self.dir = self.run.checkpoints_dir
         self.every, self.total, self.keep, self.rank = every, total_steps, keep, rank
-        self.latest = ckpt.latest_checkpoint(self.dir)
+        self.latest = self.run.latest_checkpoint()
 
     def resume(self, model, optimizer):
-        """Load the latest complete checkpoint; returns its meta dict, or None for a fresh run."""
+        """Load the latest checkpoint that verifies; returns its meta dict, or None for a fresh run."""
         if self.latest is None:
             return None
-        meta = ckpt.load_checkpoint(self.latest, model, optimizer)
-        return meta
+        return ckpt.load_checkpoint(self.latest, model, optimizer, verify=False)  # the run verified it
 
     def is_save_step(self, step):
         return step % self.every == 0 or step == self.total
@@ -36,4 +39,5 @@ class Checkpointer:
             raise NonFiniteLossError(f"step {step}: the model's weights are not finite; not saving them. The last "
                                      f"good checkpoint is kept in {self.dir}")
         self.latest = ckpt.save_checkpoint(self.dir, step, model, optimizer, extra, keep=self.keep)
+        self.run.mark_saved(self.latest)
         return self.latest

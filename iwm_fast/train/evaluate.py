@@ -5,8 +5,10 @@ import os
 import torch
 
 from ..eval.evaluate import evaluate
-from ..models import build_iwm
+from ..eval.features import random_init_encoder
 from ..eval.report import format_summary, plot_loss_curve, write_eval
+from ..models import build_iwm
+from ..run_dir import RunDir
 from ..config import ConfigError
 
 # What iwm-eval may change in a run's saved config: the evaluation itself and where it runs. Anything else
@@ -21,16 +23,6 @@ def eval_splits(cfg):
 
     return registry.get(cfg.data.dataset).eval_split(cfg.data, seed=cfg.train.seed,
                                                      max_images=cfg.eval.max_train_images)
-
-
-def _load_latest_state(run_dir, model):
-    from . import checkpoint as ckpt
-
-    path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    if path is None:
-        raise FileNotFoundError(f"{run_dir} holds no complete checkpoint that verifies")
-    meta = ckpt.load_checkpoint(path, model)
-    return meta["step"]
 
 
 def _check_overrides(overrides):
@@ -50,6 +42,18 @@ def _try_write(what, path, write):
         return False
 
 
+def _model(run, cfg, model_state):
+    """(model, step): the weights given, or the run's newest checkpoint that verifies (exporting a finished run's
+    missing target encoder from it)."""
+    if model_state is None:
+        loaded = run.load_model(cfg=cfg)
+        _export_if_missing(run, loaded.model, loaded.step, cfg.train.steps)
+        return loaded.model, loaded.step
+    model = build_iwm(cfg)
+    model.load_state_dict(model_state)
+    return model, cfg.train.steps
+
+
 def evaluate_run(run_dir, *, cfg=None, model_state=None, overrides=()):
     """Probe accuracy (trained vs random encoder) and world-model MRR; writes ``eval.json`` and the loss plot.
 
@@ -57,40 +61,31 @@ def evaluate_run(run_dir, *, cfg=None, model_state=None, overrides=()):
     run's missing ``target_encoder.pt`` is exported from it. Outputs that cannot be written (a read-only run
     directory) are warned about; the results are printed either way.
     """
-    from .resume import load_run_config
-
+    run = RunDir(run_dir)
     _check_overrides(overrides)
-    if cfg is None:
-        cfg = load_run_config(run_dir, overrides)
+    cfg = run.read_config(overrides) if cfg is None else cfg
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    model = build_iwm(cfg)
-    if model_state is not None:
-        model.load_state_dict(model_state)
-        step = cfg.train.steps
-    else:
-        step = _load_latest_state(run_dir, model)
-        _export_if_missing(run_dir, model, step, cfg.train.steps)
+    model, step = _model(run, cfg, model_state)
     model = model.to(device).eval()
+    control = random_init_encoder(cfg, cfg.train.seed).to(device)  # the model at step 0
     (train_x, train_y), (val_x, val_y) = eval_splits(cfg)
-    results = evaluate(model, train_x, train_y, val_x, val_y, bank_size=cfg.eval.bank_size,
+    results = evaluate(model, train_x, train_y, val_x, val_y, random_encoder=control, bank_size=cfg.eval.bank_size,
                        num_queries=cfg.eval.num_queries, cfg=cfg.augment, seed=cfg.train.seed, device=device,
-                       probe_epochs=cfg.eval.probe_epochs, picture=os.path.join(run_dir, "world_model.png"))
+                       probe_epochs=cfg.eval.probe_epochs, picture=run.world_model_png)
     results["step"] = step
-    _try_write("the results", os.path.join(run_dir, "eval.json"), lambda: write_eval(run_dir, results))
-    metrics = os.path.join(run_dir, "metrics.csv")
-    if os.path.exists(metrics):
-        png = os.path.join(run_dir, "loss_curve.png")
-        _try_write("the loss plot", png, lambda: plot_loss_curve(metrics, png))
+    _try_write("the results", run.eval_path, lambda: write_eval(run.eval_path, results))
+    if os.path.exists(run.metrics_path):
+        _try_write("the loss plot", run.loss_curve_png, lambda: plot_loss_curve(run.metrics_path, run.loss_curve_png))
     print(format_summary(results), flush=True)
     return results
 
 
-def _export_if_missing(run_dir, model, step, total):
+def _export_if_missing(run, model, step, total):
     """A run killed between its last checkpoint and the export has no target_encoder.pt: write it from the
     final checkpoint. An unfinished run's encoder is not exported (the file means "the trained encoder")."""
     from .checkpoint import export_target_encoder
 
-    path = os.path.join(run_dir, "target_encoder.pt")
+    path = run.export_path
     if os.path.exists(path):
         return
     if step < total:

@@ -9,29 +9,20 @@ from . import checkpoint as ckpt
 log = logging.getLogger("iwm_fast")
 
 
-def export_path(run_dir):
-    return os.path.join(run_dir, "target_encoder.pt")
+def missing_outputs(cfg, run):
+    """The outputs of a finished run (``RunDir``) that are not there yet, by file name."""
+    wanted = [run.export_path] + ([run.eval_path] if cfg.eval.enabled else [])
+    return [os.path.basename(p) for p in wanted if not os.path.exists(p)]
 
 
-def eval_path(run_dir):
-    return os.path.join(run_dir, "eval.json")
-
-
-def missing_outputs(cfg, run_dir):
-    missing = [] if os.path.exists(export_path(run_dir)) else ["target_encoder.pt"]
-    if cfg.eval.enabled and not os.path.exists(eval_path(run_dir)):
-        missing.append("eval.json")
-    return missing
-
-
-def finish(cfg, model, run_dir, rank):
+def finish(cfg, model, run, rank):
     """Export the target encoder, then evaluate (rank 0), skipping what a previous attempt already wrote."""
     state = ckpt.full_model_state(model)
     if rank == 0:
-        if not os.path.exists(export_path(run_dir)):
-            ckpt.export_target_encoder(state, export_path(run_dir))
-        if cfg.eval.enabled and not os.path.exists(eval_path(run_dir)):
+        if not os.path.exists(run.export_path):
+            ckpt.export_target_encoder(state, run.export_path)
+        if cfg.eval.enabled and not os.path.exists(run.eval_path):
             from .evaluate import evaluate_run
-            evaluate_run(run_dir, cfg=cfg, model_state=state)
+            evaluate_run(run, cfg=cfg, model_state=state)
     if dist.is_initialized():
         dist.barrier()

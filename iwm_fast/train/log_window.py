@@ -14,7 +14,7 @@ import torch
 class LogWindow:
     """``model.flops_per_image`` gives the MFU; ``target_mode`` is not read (the model knows its own)."""
 
-    def __init__(self, *, logger, bar, guard, device, world_size, peak_flops, model, target_mode=None):
+    def __init__(self, *, logger, bar, guard, device, world_size, peak_flops, model):
         self.logger, self.bar, self.guard = logger, bar, guard
         self.device, self.world, self.peak = device, world_size, peak_flops
         self.model = model

@@ -40,8 +40,11 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir, enabled=True, resume_step=0):
+        from ..run_dir import RunDir
+
+        run = RunDir(run_dir)  # a RunDir or its path
         self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.csv")
+        self.path = run.metrics_path
         self._tb = None
         self._file = None
         if not enabled:
@@ -54,7 +57,7 @@ class MetricsLogger:
         self._size = os.path.getsize(self.path)
         from torch.utils.tensorboard import SummaryWriter  # imported here: it takes a second, and rank 0 only
 
-        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self._tb = SummaryWriter(run.tensorboard_dir)
 
     def _prepare(self, resume_step):
         """Leave a file holding the header and exactly the whole rows of steps 1..resume_step."""

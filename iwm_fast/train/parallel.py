@@ -33,6 +33,13 @@ def _wrap_blocks(blocks, *, mesh, mp, compile_blocks, compile_backend, checkpoin
         blocks[i] = block
 
 
+def _mesh_and_policy(device, world_size, precision):
+    mesh = init_device_mesh(torch.device(device).type, (world_size,))
+    dtype = DTYPES[precision]
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    return mesh, mp
+
+
 def parallelize(model, *, device, world_size, precision="fp32", compile_blocks=False, compile_backend="inductor",
                 activation_checkpointing=False):
     """Shard ``model`` (an ``IWM``) with FSDP2 over all ranks.
@@ -41,13 +48,25 @@ def parallelize(model, *, device, world_size, precision="fp32", compile_blocks=F
     context encoder, so the EMA pairs up local shards. Activation checkpointing applies to the blocks that
     receive gradients (context encoder and predictor); the target encoder runs without autograd.
     """
-    mesh = init_device_mesh(torch.device(device).type, (world_size,))
-    dtype = DTYPES[precision]
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    mesh, mp = _mesh_and_policy(device, world_size, precision)
     for blocks, ac in ((model.encoder.blocks, activation_checkpointing),
                        (model.target_encoder.blocks, False),
                        (model.predictor.predictor_blocks, activation_checkpointing)):
         _wrap_blocks(blocks, mesh=mesh, mp=mp, compile_blocks=compile_blocks, compile_backend=compile_backend,
                      checkpoint_blocks=ac)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def parallelize_blocks(model, *, device, world_size, precision="fp32"):
+    """Shard any module built from the engine's parts (a fine-tuning classifier around an encoder or a predictor)
+    the way ``parallelize`` shards the IWM: one unit per transformer block of every ``blocks`` or
+    ``predictor_blocks`` list, frozen or trained, then the root."""
+    mesh, mp = _mesh_and_policy(device, world_size, precision)
+    for module in list(model.modules()):
+        blocks = getattr(module, "blocks", None) or getattr(module, "predictor_blocks", None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            _wrap_blocks(blocks, mesh=mesh, mp=mp, compile_blocks=False, compile_backend=None,
+                         checkpoint_blocks=False)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

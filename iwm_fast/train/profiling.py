@@ -1,5 +1,4 @@
 """The profiler component: ``profile=true`` records a few steps with torch.profiler (rank 0)."""
-import os
 import sys
 
 import torch
@@ -8,8 +7,8 @@ import torch
 class Profiler:
     """Steps 2-5 of the run (one to wait, one to warm up, three recorded); a no-op unless enabled."""
 
-    def __init__(self, enabled, run_dir):
-        self.run_dir = run_dir
+    def __init__(self, enabled, run):
+        self.run = run  # a RunDir: where the trace and the kernel table go
         self.prof = None
         if not enabled:
             return
@@ -28,10 +27,10 @@ class Profiler:
         if self.prof is None:
             return
         self.prof.stop()
-        trace = os.path.join(self.run_dir, "profile_trace.json")
+        trace = self.run.profile_trace_path
         self.prof.export_chrome_trace(trace)
         key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        with open(os.path.join(self.run_dir, "profile_kernels.txt"), "w") as f:
+        with open(self.run.profile_table_path, "w") as f:
             f.write(self.prof.key_averages().table(sort_by=key, row_limit=40))
         print(f"[iwm-fast] profiler trace: {trace} (open in Perfetto or chrome://tracing)", file=sys.stderr)
         self.prof = None

@@ -1,7 +1,7 @@
 """Whether a run directory's checkpoints may be resumed under the config given now."""
 import os
 
-from ..config import ConfigError, load_config, to_dict
+from ..config import to_dict
 
 
 # Sections whose change makes a checkpoint unusable (shapes) or its continuation a different run.
@@ -15,32 +15,11 @@ class ResumeError(ValueError):
     """A run directory that cannot be resumed under the config given now."""
 
 
-def load_run_config(run_dir, overrides=()):
-    """The config saved in ``run_dir/config.yaml``; an emptied or damaged file is a ConfigError saying so
-    (an empty file would otherwise read as all defaults, a config the run never had)."""
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
-    try:
-        empty = os.path.getsize(path) == 0 or not open(path, "rb").read().strip()
-    except OSError as e:
-        raise ConfigError(f"{path} cannot be read: {e.strerror or e}") from None
-    if empty:
-        raise ConfigError(f"{path} is empty, so this run's config is unknown; restore it from a backup, or "
-                          "delete it to resume under the config given now (a checkpoint of another model is "
-                          "still refused)")
-    try:
-        return load_config(path, overrides)
-    except ConfigError as e:
-        raise ConfigError(f"{path} is not a valid run config ({e}); restore it, or delete it to resume under "
-                          "the config given now") from None
-
-
-def check_resumable(cfg, run_dir):
-    """A run directory with checkpoints resumes only under the same model, data and recipe."""
-    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
+def check_resumable(cfg, run):
+    """A run directory (``RunDir``) with checkpoints resumes only under the same model, data and recipe."""
+    if not os.path.exists(run.config_path):
         return
-    saved, now = to_dict(load_run_config(run_dir)), to_dict(cfg)
+    saved, now = to_dict(run.read_config()), to_dict(cfg)
     diffs = []
     for key in RESUME_KEYS:
         section, _, field = key.partition(".")
@@ -52,5 +31,5 @@ def check_resumable(cfg, run_dir):
         if a != b:
             diffs.append(f"{key}: {a!r} in the run, {b!r} now")
     if diffs:
-        raise ResumeError(f"{run_dir} holds checkpoints of a different run ({'; '.join(diffs)}); "
+        raise ResumeError(f"{run.path} holds checkpoints of a different run ({'; '.join(diffs)}); "
                           "resume with the same config, or pick another train.out_dir")

@@ -6,6 +6,7 @@ non-finite loss skips the AdamW and EMA updates on the device (fused AdamW's ``f
 """
 import contextlib
 import dataclasses
+import os
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from .. import ops
 from ..backends import FUSED
 from ..masks import sample_block_masks
+from ..ops.gather import get_index_check, set_index_check
 from ..transforms import action_vector, apply, normalize, sample_params, to_float
 
 
@@ -104,6 +106,20 @@ def make_inputs(images, *, rows, global_batch, grid, mask_config, augment, seed,
                       ctx_idx=ctx, tgt_idx=tgt, action=action_vector(params))
 
 
+@contextlib.contextmanager
+def trusted_indices():
+    """Training and fine-tuning steps gather with indices built in range (the mask sampler's, arange): the bounds
+    check's host read is skipped for the duration, and the caller's setting comes back after.
+    ``IWM_FAST_INDEX_CHECK=host`` keeps it on for debugging."""
+    before = get_index_check()
+    if "IWM_FAST_INDEX_CHECK" not in os.environ:
+        set_index_check("off")
+    try:
+        yield
+    finally:
+        set_index_check(before)
+
+
 def set_optimizer_schedule(optimizer, lr, wd):
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -111,7 +127,8 @@ def set_optimizer_schedule(optimizer, lr, wd):
             group["weight_decay"] = wd
 
 
-def _mean_over_ranks(value):
+def mean_over_ranks(value):
+    """``value`` (a device tensor) averaged over the ranks, in place, without a host read."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda" else dist.ReduceOp.SUM)
         if value.device.type != "cuda":  # gloo has no AVG
@@ -143,7 +160,7 @@ def train_step(model, optimizer, micro_batches, *, lr, wd, momentum, grad_clip=0
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         timer.mark("context_bwd")
         total = loss.detach() if total is None else total + loss.detach()
-    mean = _mean_over_ranks(total / n)
+    mean = mean_over_ranks(total / n)
     finite = torch.isfinite(mean)
     if scaler is not None:  # fp16: the grad scaler skips steps with non-finite gradients itself
         scaler.unscale_(optimizer)
