@@ -17,7 +17,8 @@ TINY = ["model.size=tiny", "model.depth=1", "model.patch_size=4", "data.image_si
         "predictor.depth=1", "predictor.width=48", "masks.min_keep=2", "masks.num_targets=2", "train.batch_size=8",
         "train.warmup_steps=1", "train.log_every=1000", "train.device=cpu", "eval.enabled=false"]
 FILES = ("config.yaml", "metrics.csv", "eval.json", "target_encoder.pt", "world_model.png", "loss_curve.png",
-         "checkpoints", "tensorboard", "profile_trace.json", "profile_kernels.txt")
+         "checkpoints", "tensorboard", "profile_trace.json", "profile_kernels.txt", "outputs.json", ".lock",
+         ".outputs.lock")
 
 
 def tiny_cfg(out_dir, *extra):
@@ -59,7 +60,7 @@ def test_paths_are_the_runs_files(tmp_path):
     run = RunDir(tmp_path)
     got = [run.config_path, run.metrics_path, run.eval_path, run.export_path, run.world_model_png,
            run.loss_curve_png, run.checkpoints_dir, run.tensorboard_dir, run.profile_trace_path,
-           run.profile_table_path]
+           run.profile_table_path, run.outputs_path, run.lock_path, run.outputs_lock_path]
     assert got == [os.path.join(str(tmp_path), f) for f in FILES]
     assert RunDir(run).path == run.path == str(tmp_path)
     assert run.finetune_path("finetune_predictor") == os.path.join(str(tmp_path), "finetune_predictor.json")
