@@ -26,7 +26,7 @@ from .profiling import Profiler
 from .resume import check_resumable
 from .schedules import schedules_at
 from .step import make_inputs, train_step
-from .stop_signal import StopRequested, StopSignal
+from .stop_signal import StopSignal
 
 log = logging.getLogger("iwm_fast")
 
@@ -142,8 +142,8 @@ def _train(cfg, rank, world, device, *, loss_hook, max_steps, backends):
             elif save or stopping:
                 checkpointer.save(step, model, optimizer, {"data": data.state_dict(),
                                                            "skipped_images": _sum_over_ranks(skipped_images, device)})
-            if stopping and step < t.steps:
-                raise StopRequested(step, checkpointer.latest)
+            if stopping:  # at the last step too: the export and evaluation are left to a rerun
+                raise stop.stopped(step, checkpointer.latest, final=step == t.steps)
     finally:
         try:
             window.flush()  # whatever a failure left in the window is still logged
