@@ -120,10 +120,10 @@ def _check_pixel_range(images):
         raise ValueError("images hold NaN or Inf")
     if lo >= -_PIXEL_SLACK and hi <= 1 + _PIXEL_SLACK:
         return
-    if hi > 2.0:
-        hint = "0-255 pixel values? divide by 255 (or pass the uint8 tensor itself)"
-    elif lo < -0.05:
+    if lo < -0.05:  # pixel values are never negative: a mean and std were applied
         hint = "normalised with a mean and std? pass the [0, 1] pixels: the world model normalises them itself"
+    elif hi > 2.0:
+        hint = "0-255 pixel values? divide by 255 (or pass the uint8 tensor itself)"
     else:
         hint = "clamp them to [0, 1] (a resize can overshoot a little)"
     raise ValueError(f"float images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; {hint}")
