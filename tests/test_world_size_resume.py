@@ -26,9 +26,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0",
        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
 
 
-def _run(nproc, max_steps, out_dir):
+def _run(nproc, max_steps, out_dir, extra=()):
     script = [os.path.join(os.path.dirname(__file__), "train_until.py"), str(max_steps), "configs/demo_cpu.yaml",
-              *TINY, f"train.out_dir={out_dir}"]
+              *TINY, *extra, f"train.out_dir={out_dir}"]
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     f"--nproc_per_node={nproc}", "--standalone"]
     out = subprocess.run(launcher + script, env=ENV, capture_output=True, text=True, timeout=900)
@@ -100,3 +100,25 @@ def test_ranks_stop_when_their_launcher_is_killed(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_shard_run_on_two_processes_resumes_exactly(tmp_path):
+    """Shards are read per rank and loader worker, so every rank's position goes into the checkpoint (gathered
+    at the save) and each rank resumes from its own: the resumed run repeats the uninterrupted one."""
+    import json
+
+    from iwm_fast.data.make_shards import main as make_shards
+    from test_shards import _image_folder
+
+    src = _image_folder(tmp_path / "folder")
+    assert make_shards([str(src), str(tmp_path / "shards"), "--shard-size", "3", "--no-progress"]) == 0
+    shards = ["data.dataset=shards", f"data.root={tmp_path / 'shards'}", "data.num_workers=2", "train.steps=4",
+              "train.checkpoint_every=2"]
+    _run(2, 0, tmp_path / "whole", shards)
+    _run(2, 3, tmp_path / "part", shards)
+    saved = ckpt.latest_checkpoint(tmp_path / "part" / "checkpoints")
+    assert saved.endswith("step_00000002")
+    with open(os.path.join(saved, "meta.json")) as f:
+        assert len(json.load(f)["data"]["ranks"]) == 2
+    _run(2, 0, tmp_path / "part", shards)
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
