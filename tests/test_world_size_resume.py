@@ -61,6 +61,8 @@ def test_a_run_resumes_on_another_number_of_processes(uninterrupted, tmp_path, b
         assert got[:3] == want[:3]  # the same single process up to the checkpoint: bit for bit
     # Steps on 2 processes differ from 1 process only by the order of float sums (the gradient all-reduce):
     # a wrong data position or a lost optimizer state would move the loss far more.
+    print(f"{before} -> {after} processes: largest relative loss difference "
+          f"{max(abs(a - b) / abs(a) for a, b in zip(want, got)):.2e}")
     for a, b in zip(want, got):
         assert abs(a - b) <= 1e-5 * abs(a), (want, got)
     ref = torch.load(uninterrupted / "target_encoder.pt")
