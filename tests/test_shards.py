@@ -348,24 +348,29 @@ def test_corrupt_members_are_skipped_and_counted_once(tmp_path):
     _tar(d / "a.tar", [("0.jpg", good), ("0.cls", b"1"), ("1.jpg", b"not a jpeg"), ("1.cls", b"0"),
                        ("2.jpg", good), ("3.jpg", good), ("3.cls", b"2")])            # 1 bad image, 1 no label
     _tar(d / "b.tar", [("0.jpg", good), ("0.cls", b"0"), ("1.png", good), ("1.cls", b"x")])  # bad label
-    _tar(d / "c.tar", [(f"{k}.{ext}", good if ext == "jpg" else b"0") for k in range(4) for ext in ("jpg", "cls")])
+    for name in ("c.tar", "d.tar"):
+        _tar(d / name, [(f"{k}.{ext}", good if ext == "jpg" else b"0") for k in range(4) for ext in ("jpg", "cls")])
     index_shards(str(d))
     ds = ShardDataset(str(d), image_size=8, seed=0)
     with tarfile.open(d / "c.tar") as tar:
-        cut = tar.getmembers()[2].offset_data + 100  # inside the second sample's image
-    (d / "c.tar").write_bytes((d / "c.tar").read_bytes()[:cut])  # damaged after the start check
+        members = tar.getmembers()
+    # Damaged after the start check: c.tar cut inside its second sample's image (a broken tar), d.tar cut
+    # after two whole samples (a tar that reads as shorter).
+    (d / "c.tar").write_bytes((d / "c.tar").read_bytes()[:members[2].offset_data + 100])
+    (d / "d.tar").write_bytes((d / "d.tar").read_bytes()[:members[4].offset])
     loader = ShardLoader(ds, 4)
     with pytest.warns(UnreadableImageWarning) as caught:
         epoch0 = _epoch(loader)
     messages = " ".join(str(w.message) for w in caught)
     assert "a.tar:1" in messages and "a.tar:2: it has no .cls label" in messages and "b.tar:1" in messages
     assert "c.tar after sample 1: 3 of its 4 samples lost" in messages
-    assert sum(len(i) for i, _, _ in epoch0) == 4          # a:0, a:3, b:0, c:0
-    assert sum(n for _, _, n in epoch0) == 6               # three bad samples and the three a cut shard lost
+    assert "d.tar ended after sample 2: 2 of its 4 samples lost" in messages
+    assert sum(len(i) for i, _, _ in epoch0) == 6          # a:0, a:3, b:0, c:0, d:0, d:1
+    assert sum(n for _, _, n in epoch0) == 8               # three bad samples and the 3 + 2 the cut shards lost
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnreadableImageWarning)
         epoch1 = _epoch(loader)
-    assert sum(len(i) for i, _, _ in epoch1) == 4 and sum(n for _, _, n in epoch1) == 0  # counted once
+    assert sum(len(i) for i, _, _ in epoch1) == 6 and sum(n for _, _, n in epoch1) == 0  # counted once
 
 
 def test_shard_count_must_cover_ranks_and_workers(shard_dir):

@@ -167,7 +167,7 @@ class ShardDataset(IterableDataset):
                     reached = ordinal + 1
                     yield self.decode(sid, ordinal, key, group, epoch), stream, k, reached, int(epoch == 0)
             except (tarfile.TarError, OSError, EOFError) as err:
-                lost = max(1, self.shard_set.samples[sid] - reached)
+                lost = max(0, self.shard_set.samples[sid] - reached)  # 0: it broke after its last sample
                 warnings.warn(f"skipping the rest of broken shard {self.paths[sid]} after sample {reached}: "
                               f"{lost} of its {self.shard_set.samples[sid]} samples lost ({type(err).__name__}: "
                               f"{err})", UnreadableImageWarning, stacklevel=2)

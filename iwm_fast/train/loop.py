@@ -143,7 +143,7 @@ def _train(cfg, rank, world, device, *, loss_hook, max_steps, backends):
                 checkpointer.save(step, model, optimizer, {"data": data.state_dict(),
                                                            "skipped_images": _sum_over_ranks(skipped_images, device)})
             if stopping:  # at the last step too: the export and evaluation are left to a rerun
-                raise stop.stopped(step, checkpointer.latest, final=step == t.steps)
+                raise stop.stopped(step, checkpointer.latest, final=step == t.steps and not guard.bad_run)
     finally:
         try:
             window.flush()  # whatever a failure left in the window is still logged

@@ -134,8 +134,11 @@ class StopSignal:
         return StopRequested(step, checkpoint, self.signum or signal.SIGTERM, final=final)
 
     def close(self):
+        """Give the signals back to the previous handlers; after a stop, ignore them instead: the process is
+        on its way out (the watchdog still bounds it), and a signal torchrun forwards late must not replace
+        the stop's message."""
         for sig, old in self._previous.items():
-            signal.signal(sig, old)
+            signal.signal(sig, old if self.requested_at is None else signal.SIG_IGN)
         self._previous = {}
 
 
