@@ -5,6 +5,7 @@ import os
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .stop_signal import exit_on_stop_signals
 
 log = logging.getLogger("iwm_fast")
 
@@ -17,12 +18,15 @@ def missing_outputs(cfg, run):
 
 def finish(cfg, model, run, rank):
     """Export the target encoder, then evaluate (rank 0), skipping what a previous attempt already wrote."""
-    state = ckpt.full_model_state(model)
-    if rank == 0:
-        if not os.path.exists(run.export_path):
-            ckpt.export_target_encoder(state, run.export_path)
-        if cfg.eval.enabled and not os.path.exists(run.eval_path):
-            from .evaluate import evaluate_run
-            evaluate_run(run, cfg=cfg, model_state=state)
-    if dist.is_initialized():
-        dist.barrier()
+    with exit_on_stop_signals("the end-of-run export and evaluation",
+                              "training is complete and saved in its final checkpoint; run the same command "
+                              "again to write what is missing (nothing is retrained)"):
+        state = ckpt.full_model_state(model)
+        if rank == 0:
+            if not os.path.exists(run.export_path):
+                ckpt.export_target_encoder(state, run.export_path)
+            if cfg.eval.enabled and not os.path.exists(run.eval_path):
+                from .evaluate import evaluate_run
+                evaluate_run(run, cfg=cfg, model_state=state)
+        if dist.is_initialized():
+            dist.barrier()
