@@ -162,7 +162,7 @@ def test_training_refuses_a_set_that_does_not_match_its_manifest(shard_dir, tmp_
 
     def refused(root, pattern):
         with pytest.raises(ConfigError, match=pattern):
-            registry.check(_cfg("shards", str(root)))
+            registry.check(_cfg("shards", str(root)).data)
 
     refused(tmp_path / "nowhere", "does not exist")
     (tmp_path / "empty").mkdir()
@@ -181,10 +181,11 @@ def test_training_refuses_a_set_that_does_not_match_its_manifest(shard_dir, tmp_
     refused(d, "shard-000004.tar, listed in manifest.json, is missing")
     refused(f"{shard_dir / 'out' / 'shard-000001.tar'},{tmp_path / 'x.tar'}", "x.tar' does not exist")
     with pytest.raises(ConfigError, match="needs data.root"):
-        registry.check(_cfg("shards", ""))
+        registry.check(_cfg("shards", "").data)
     with pytest.raises(ConfigError, match="8 shards cannot feed 3 ranks x 3 loader workers"):
-        registry.check(_cfg("shards", str(shard_dir / "out"), **{"data.num_workers": 3}), world_size=3)
-    registry.check(_cfg("shards", str(shard_dir / "out")), world_size=2)  # a matching set passes
+        registry.check(_cfg("shards", str(shard_dir / "out"), **{"data.num_workers": 3}).data,
+                       world_size=3)
+    registry.check(_cfg("shards", str(shard_dir / "out")).data, world_size=2)  # a matching set passes
     # Same size, other bytes: only the checksums tell, which --verify checks.
     d = fresh("flipped")
     data = bytearray((d / "shard-000002.tar").read_bytes())
@@ -211,7 +212,7 @@ def test_shards_from_another_tool_are_indexed_and_unlabelled_ones_are_named(shar
         _tar(bare / f"{k}.tar", [(f"{k}{j}.jpg", _jpeg()) for j in range(3)])
     assert make_shards(["--index", str(bare)]) == 0
     with pytest.raises(ConfigError, match="none of the 6 samples of shard set .* has a .cls label"):
-        registry.check(_cfg("shards", str(bare)))
+        registry.check(_cfg("shards", str(bare)).data)
 
 
 def _epoch(loader):
@@ -303,7 +304,7 @@ def test_the_eval_split_of_unshuffled_shards_mixes_the_classes(shard_dir, tmp_pa
     out = tmp_path / "sorted"  # class after class: the first 6 samples are all of class c0
     assert make_shards([str(shard_dir / "folder"), str(out), "--shard-size", "3", "--no-shuffle",
                         "--no-progress"]) == 0
-    (_, ty), (_, vy) = registry.get("shards").eval_split(_cfg("shards", str(out), **{"eval.max_train_images": 6}))
+    (_, ty), (_, vy) = registry.get("shards").eval_split(_cfg("shards", str(out)).data, seed=0, max_images=6)
     assert len(ty) + len(vy) == 6 and len(set(ty.tolist() + vy.tolist())) > 1 and len(set(ty.tolist())) > 1
 
 
