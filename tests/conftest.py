@@ -21,3 +21,19 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     for _m in pkgutil.iter_modules(iwm_fast.kernels.__path__):
         importlib.import_module(f"iwm_fast.kernels.{_m.name}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors under the Triton "
+                                       "interpreter; skipped where TRITON_INTERPRET != 1 (a GPU machine)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+    for item in items:
+        if "interpreter" in item.keywords:
+            item.add_marker(skip)
