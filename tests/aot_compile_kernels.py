@@ -18,6 +18,7 @@ unset or 0: under the interpreter the kernels are not JIT functions.
 import argparse
 import concurrent.futures
 import inspect
+import multiprocessing
 import os
 import re
 import subprocess
@@ -161,6 +162,13 @@ def compile_one(task):
     return out
 
 
+_TASKS = []
+
+
+def _compile_task(index):
+    return compile_one(_TASKS[index])
+
+
 def describe(r):
     if "error" in r:
         return f"{r['label']} sm_{r['arch']}: FAILED {r['error']}"
@@ -208,12 +216,13 @@ def main(argv=None):
     p.add_argument("--table", default=None, help="write the attention variants as a markdown table here")
     a = p.parse_args(argv)
     variants = [*attention_variants(a.all), *other_variants()]
-    tasks = [(*v, arch) for arch in a.archs for v in variants]
-    if a.jobs > 1:
-        with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
-            results = list(pool.map(compile_one, tasks))
+    _TASKS[:] = [(*v, arch) for arch in a.archs for v in variants]
+    if a.jobs > 1:  # forked workers inherit the task list (JIT functions do not pickle)
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=context) as pool:
+            results = list(pool.map(_compile_task, range(len(_TASKS))))
     else:
-        results = [compile_one(t) for t in tasks]
+        results = [compile_one(t) for t in _TASKS]
     for r in results:
         print(describe(r), flush=True)
     if a.table:
