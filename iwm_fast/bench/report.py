@@ -208,6 +208,38 @@ def console_table(rows, statuses):
     return "\n".join(out)
 
 
+def _pick(rows, kernel, metric, provider=None):
+    return [r for r in rows if r["kernel"] == kernel and r["metric"] == metric
+            and (provider is None or r["provider"] == provider)]
+
+
+def goal_lines(rows):
+    """One line per measured goal, in the GPU check's order: medians (p20-p80) and ratios from the same run."""
+    out = []
+    for r in _pick(rows, "attention", "speedup_vs_best_sdpa", "triton"):
+        best = [b["provider"] for b in _pick(rows, "attention", "best_sdpa_ms_fwdbwd") if b["shape"] == r["shape"]]
+        out.append(f"attention fwd+bwd  {r['shape']:34s} best SDPA ({best[0] if best else '?'}) time / kernel time: "
+                   f"{r['median']:.2f}x (p20-p80 {r['p20']:.2f}-{r['p80']:.2f})")
+    for r in _pick(rows, "attention_layer", "speedup_vs_best_sdpa", "triton"):
+        out.append(f"attention layer    {r['shape']:34s} over the best SDPA layer: {r['median']:.2f}x")
+    for r in _pick(rows, "attention", "speedup_vs_pinned"):
+        out.append(f"A/B {r['provider']:22s} {r['shape']:34s} pinned time / this time: {r['median']:.2f}x")
+    for prov in ("iwm_fast", "iwm_fast(tensor m)", "iwm_fast_kernel_only"):
+        for r in _pick(rows, "ema", "fraction_of_copy", prov):
+            host = _pick([h for h in rows if h["shape"] == r["shape"]], "ema", "host_us_per_call", prov)
+            out.append(f"ema {prov:20s} {r['shape']:30s} {r['median']:.2f} of copy bandwidth"
+                       + (f", host {host[0]['median']:.0f} us per call" if host else ""))
+    for kernel in ("gather_fwd", "gather_bwd"):
+        for r in _pick(rows, kernel, "fraction_of_copy", "iwm_fast"):
+            out.append(f"{kernel:10s} {r['shape']:42s} {r['median']:.2f} of copy bandwidth")
+    for r in _pick(rows, "e2e", "images_per_s"):
+        out.append(f"e2e {r['provider']:20s} {r['shape']:24s} {r['median']:.1f} images/s")
+    for r in rows:
+        if r["kernel"] == "e2e" and r["metric"].startswith("speedup_vs_"):
+            out.append(f"e2e {r['provider']:20s} {r['metric']:28s} {r['median']:.2f}x")
+    return out
+
+
 def read_csv(path):
     import csv
 
@@ -234,6 +266,8 @@ def main(argv=None):
         meta = rows[0] if rows else {}
         write_summary(args[1], rows, {}, meta, f"python -m iwm_fast.bench.report {args[0]}")
     print(console_table(rows, {}))
+    print()
+    print("\n".join(goal_lines(rows)))
     return 0
 
 
