@@ -37,7 +37,7 @@ if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1 OMP_NUM_THREADS=1 IWM_FAST_TEST_THREADS=1  # 2 cores: no spinning thread pools
     DEADLINE_S=${DEADLINE_S:-900}
     SHARE_ENV=60 SHARE_ATTENTION=360 SHARE_EMA_GATHER=120 SHARE_E2E=240
-    TEST_ARGS=(-m interpreter tests/test_attention.py -k "far_below or tail_is_walked")
+    TEST_ARGS=(tests/test_attention.py tests/test_bench.py -k "far_below or tail_is_walked or traffic or reach_the_csv")
 else
     PYTHON=${PYTHON:-python3}
     DEVICE=cuda
