@@ -124,7 +124,7 @@ def resources(cubin):
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     res = {"regs": int(fields["REG"]), "local": int(fields["LOCAL"]) + int(fields["STACK"]),
            "static_smem": int(fields["SHARED"])}
-    counts = {op: len(re.findall(r"\b" + re.escape(op) + r"(?=[\s;])", sass)) for op in SASS_OPS}
+    counts = {op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass)) for op in SASS_OPS}
     return res, counts
 
 
