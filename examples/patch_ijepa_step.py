@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from iwm_fast.compat import apply_masks, ema_update_model  # iwm-fast
+from iwm_fast.compat import MultiBlockMaskCollator, apply_masks, ema_update_model  # iwm-fast
 from iwm_fast.patch import patch_model                      # iwm-fast
 
 IMG, PATCH, DIM, HEADS, DEPTH, PRED_DIM = 64, 8, 96, 4, 3, 48
@@ -83,22 +83,6 @@ class Predictor(nn.Module):
         return self.predictor_proj(self.norm(x[:, n_ctx:]))
 
 
-def make_collator():
-    try:
-        from iwm_fast.compat import MultiBlockMaskCollator  # iwm-fast
-    except ImportError:
-        return None
-    return MultiBlockMaskCollator(input_size=(IMG, IMG), patch_size=PATCH, enc_mask_scale=(0.85, 1.0),
-                                  pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4,
-                                  min_keep=4, allow_overlap=False)
-
-
-def fallback_masks(batch):
-    # Only used until iwm_fast.masks lands: random context/target index sets, the same size per batch.
-    perm = torch.stack([torch.randperm(GRID * GRID) for _ in range(batch)])
-    return [perm[:, :40]], [perm[:, 40 + 6 * i:46 + 6 * i] for i in range(4)]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2)
@@ -117,17 +101,13 @@ def main(argv=None):
     for p in target_encoder.parameters():
         p.requires_grad_(False)
 
-    collator = make_collator()
-    if collator is None:
-        print("MultiBlockMaskCollator not available yet: using random index masks")
+    collator = MultiBlockMaskCollator(input_size=(IMG, IMG), patch_size=PATCH, enc_mask_scale=(0.85, 1.0),
+                                      pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4,
+                                      min_keep=4, allow_overlap=False)
     optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(predictor.parameters()), lr=1e-3)
     for step in range(args.steps):
         samples = [(torch.randn(3, IMG, IMG), 0) for _ in range(args.batch)]
-        if collator is not None:
-            (imgs, _), masks_enc, masks_pred = collator(samples)
-        else:
-            imgs = torch.stack([s[0] for s in samples])
-            masks_enc, masks_pred = fallback_masks(args.batch)
+        (imgs, _), masks_enc, masks_pred = collator(samples)
         imgs = imgs.to(device)
         masks_enc = [m.to(device) for m in masks_enc]
         masks_pred = [m.to(device) for m in masks_pred]

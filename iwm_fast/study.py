@@ -29,7 +29,7 @@ COLUMNS = ("variant", "description", "mrr", "mrr_chance", "probe_acc", "probe_ac
 def run_variant(name, overrides, *, out, steps, seed, finetune_epochs, config="configs/demo_cpu.yaml",
                 finetune_batch_size=64):
     from .finetune import FinetuneArgs, finetune
-    from .train.config import load_config
+    from .config import load_config
     from .train.loop import train
 
     run_dir = os.path.join(out, name)

@@ -94,7 +94,7 @@ class WorldModel:
     def from_run(cls, run_dir, *, device="cpu"):
         """The run's ``config.yaml`` and the weights of its latest complete checkpoint."""
         from .train import checkpoint as ckpt
-        from .train.config import load_config
+        from .config import load_config
 
         cfg_path = os.path.join(run_dir, "config.yaml")
         if not os.path.isfile(cfg_path):
@@ -113,7 +113,7 @@ class WorldModel:
 
     def save(self, path):
         """One file with the config and the whole model (encoders and predictor); ``WorldModel.load`` reads it."""
-        from .train.config import to_dict
+        from .config import to_dict
 
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         tmp = f"{path}.tmp"
@@ -123,7 +123,7 @@ class WorldModel:
 
     @classmethod
     def load(cls, path, *, device="cpu"):
-        from .train.config import ConfigError, from_dict
+        from .config import ConfigError, from_dict
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no world-model file at {path}")

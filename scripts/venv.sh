@@ -9,7 +9,7 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check -c constrain
 # torch must be present before setup.py runs: the extension is built with torch's own build tools.
 "${pip[@]}" torch triton numpy pybind11 setuptools wheel ninja
 stamp=.venv/.iwm_fast_installed
-if [ ! -f "$stamp" ] || [ -n "$(find setup.py csrc -newer "$stamp" 2>/dev/null | head -n 1)" ]; then
+if [ ! -f "$stamp" ] || [ -n "$(find setup.py pyproject.toml csrc -newer "$stamp" 2>/dev/null | head -n 1)" ]; then
   "${pip[@]}" --no-build-isolation --use-pep517 -e ".[dev]"
   touch "$stamp"
 fi

@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels run on the CPU under the interpreter, which must be switched on before triton
@@ -24,16 +25,16 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors under the Triton "
-                                       "interpreter; skipped where TRITON_INTERPRET != 1 (a GPU machine)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "interpreter: needs the Triton interpreter; skipped where a GPU runs the real "
+                                       "kernels (TRITON_INTERPRET is not '1')")
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    import pytest
-
-    skip = pytest.mark.skip(reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+    skips = {"cuda": (not torch.cuda.is_available(), "needs a CUDA device"),
+             "interpreter": (os.environ.get("TRITON_INTERPRET") != "1",
+                             "needs the Triton interpreter (TRITON_INTERPRET=1); a GPU runs the real kernels")}
     for item in items:
-        if "interpreter" in item.keywords:
-            item.add_marker(skip)
+        for marker, (skip, reason) in skips.items():
+            if skip and item.get_closest_marker(marker) is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))

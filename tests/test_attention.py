@@ -448,7 +448,7 @@ def test_auto_backend_on_cpu_is_sdpa():
     assert torch.equal(attention(q, k, v), attention(q, k, v, backend="sdpa"))
 
 
-@pytest.mark.skipif(not CUDA, reason="bf16 dots are only exact on a GPU (the interpreter gets them wrong)")
+@pytest.mark.cuda  # bf16 dots are only exact on a GPU (the interpreter gets them wrong)
 @pytest.mark.parametrize("B,H,Nq,Nk,D", [(4, 12, 196, 196, 64), (2, 16, 257, 257, 80), (8, 6, 97, 211, 24),
                                          (2, 4, 1024, 1024, 32)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -458,7 +458,7 @@ def test_cuda_matches_float64(B, H, Nq, Nk, D, dtype):
     _check_against_reference(q, k, v, do, out, grads, D ** -0.5)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("D", [24, 40, 64])
 def test_cuda_packed_and_unaligned_strides(D):
     # The kernels tell Triton how the row strides align (for vectorized loads): check packed qkv views
@@ -474,7 +474,7 @@ def test_cuda_packed_and_unaligned_strides(D):
                              D ** -0.5)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_key_lengths_bf16():
     q, k, v, do = _inputs(3, 4, 196, 196, 32, torch.bfloat16, device="cuda", seed=11)
     key_lengths = torch.tensor([196, 50, 0], device="cuda")

@@ -204,6 +204,40 @@ def test_e2e_times_the_engines_step(monkeypatch):
     assert m["loss"] == m["loss"] and set(m["phases"]) == set(e2e.PHASES)
 
 
+def test_the_step_marks_every_phase_in_order_without_timing_code_in_the_model():
+    """The model's phases come from hooks installed for the timed step only: marks in step order, none left."""
+    import inspect
+
+    from iwm_fast.models import IWM
+
+    class Recorder:
+        enabled = True
+
+        def __init__(self):
+            self.names = []
+
+        def mark(self, name):
+            self.names.append(name)
+
+    assert "timer" not in inspect.signature(IWM.forward).parameters
+    case = e2e.Case("vit_tiny8", "tiny", 8, "iwm-equi", 2, img=96, tiny=True)
+    stepper = e2e.Stepper(case, e2e.CONFIGS["c_iwm_fast"], "cpu", total_steps=1)
+    model = stepper.run.model
+
+    def hooks():
+        return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in (model, model.encoder)]
+
+    before = hooks()
+    timer = Recorder()
+    stepper.step(0, timer)
+    assert timer.names == ["start", "data", "target_encoder", "context_fwd", "predictor_fwd", "predictor_bwd",
+                           "context_bwd", "optimizer", "ema"]
+    assert timer.names[1:] == list(e2e.PHASES)
+    assert hooks() == before  # removed after the timed step
+    stepper.step(1, None)
+    assert len(timer.names) == 9
+
+
 def test_attention_quick_set_rows_on_the_model_views(monkeypatch):
     from iwm_fast.bench import attention as bench_attention
 

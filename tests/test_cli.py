@@ -76,6 +76,11 @@ def test_bad_config_files(tmp_path, capsys):
     binary.write_bytes(b"\x80\x02\xff\xfe" * 100)
     _one_line_error(*_exit_code(train_main, [str(binary)], capsys), "weights.bin is not a text file")
     _one_line_error(*_exit_code(train_main, [str(tmp_path / "missing.yaml")], capsys), "does not exist")
+    twice = tmp_path / "twice.yaml"
+    # Were the second section kept silently, the run would stop on its steps=0 instead (and never train).
+    twice.write_text(f"train:\n  out_dir: {tmp_path / 'run'}\nmodel:\n  size: tiny\ntrain:\n  steps: 0\n")
+    _one_line_error(*_exit_code(train_main, [str(twice)], capsys), r"twice.yaml gives 'train' twice \(lines 1 and 5\)")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")

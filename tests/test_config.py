@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from iwm_fast.train.config import ConfigError, load_config, save_config
+from iwm_fast.config import ConfigError, load_config, save_config
 from iwm_fast.train.schedules import lr_at, momentum_at, weight_decay_at
 
 DOCUMENTED_KEYS = {"train.steps": 7, "train.batch_size": 32, "train.seed": 3, "train.out_dir": "runs/x",
@@ -154,7 +154,7 @@ def test_a_folder_or_a_binary_file_as_config_is_named(tmp_path):
 def test_environment_checks(tmp_path, monkeypatch):
     import torch
 
-    from iwm_fast.train.config import check_environment
+    from iwm_fast.train.environment import check_environment
     cfg = load_config("configs/demo_cpu.yaml", ["data.dataset=imagefolder", f"data.root={tmp_path / 'none'}"])
     with pytest.raises(ConfigError, match="data.root .*none does not exist"):
         check_environment(cfg, 1)
@@ -169,3 +169,106 @@ def test_environment_checks(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device is visible"):
         check_environment(load_config("configs/demo_cpu.yaml", ["train.device=cuda"]), 1)
+
+
+def test_a_key_given_twice_is_named_with_both_lines(tmp_path):
+    p = tmp_path / "twice.yaml"
+    p.write_text("train:\n  steps: 10\nmodel:\n  size: tiny\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml gives 'train' twice \(lines 1 and 5\)"):
+        load_config(p)
+    p.write_text("train:\n  steps: 10\n  lr: 0.1\n  steps: 20\n")
+    with pytest.raises(ConfigError, match=r"gives 'train.steps' twice \(lines 2 and 4\)"):
+        load_config(p)
+    p.write_text("train:\n  steps: 10\ntrain.steps: 20\n")  # the dotted form is the same key
+    with pytest.raises(ConfigError, match=r"gives 'train.steps' twice \(lines 2 and 3\)"):
+        load_config(p)
+    p.write_text("train:\n  steps: 10\ntrain.lr: 0.5\nbase: &b {steps: 3}\n")  # distinct keys still merge
+    with pytest.raises(ConfigError, match="unknown config key 'base.steps'"):
+        load_config(p)
+    p.write_text("train:\n  steps: 10\ntrain.lr: 0.5\n")
+    cfg = load_config(p)
+    assert (cfg.train.steps, cfg.train.lr) == (10, 0.5)
+
+
+def test_the_config_imports_neither_torch_nor_a_heavy_module():
+    import subprocess
+    import sys
+
+    code = ("import sys, iwm_fast.config\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'triton', 'PIL')"
+            " or m.startswith('iwm_fast.'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    light = {"iwm_fast._lazy", "iwm_fast.backends", "iwm_fast.config", "iwm_fast.kernels", "iwm_fast.data",
+             "iwm_fast.data.choices", "iwm_fast.models", "iwm_fast.models.choices", "iwm_fast.train",
+             "iwm_fast.train.choices", "iwm_fast.transforms", "iwm_fast.transforms.config"}
+    assert set(loaded) <= light, sorted(set(loaded) - light)
+
+
+def test_the_lazy_packages_export_every_name_they_list():
+    """Their names are imported on first use: a name mapped to the wrong submodule fails here, not in a user's
+    script."""
+    import importlib
+
+    for package in ("iwm_fast.models", "iwm_fast.data", "iwm_fast.transforms"):
+        module = importlib.import_module(package)
+        namespace = {}
+        exec(f"from {package} import *", namespace)
+        assert set(module.__all__) <= set(namespace) and set(module.__all__) <= set(dir(module)), package
+    from iwm_fast.models import VIT_SIZES, build_iwm, vit_tiny
+    from iwm_fast.models.choices import VIT_SIZES as owned
+
+    assert VIT_SIZES is owned and build_iwm.__module__ == "iwm_fast.models.factory" and callable(vit_tiny)
+
+
+def test_each_section_validates_itself():
+    from iwm_fast.config import DataConfig, MaskConfig, ModelConfig, PredictorConfig, TrainConfig
+
+    ModelConfig().validate()
+    with pytest.raises(ConfigError, match="model.size must be one of"):
+        ModelConfig(size="enormous").validate()
+    with pytest.raises(ConfigError, match="predictor.depth must be an integer >= 1 when predictor.preset is"):
+        PredictorConfig(preset="").validate()
+    with pytest.raises(ConfigError, match="data.decode must be one of 'cpu', 'gpu'"):
+        DataConfig(decode="tpu").validate()
+    with pytest.raises(ConfigError, match="masks.min_keep"):
+        MaskConfig(min_keep=-1).validate()
+    with pytest.raises(ConfigError, match="train.term_grace_s must be a finite number"):
+        TrainConfig(term_grace_s=float("nan")).validate()
+
+
+def test_every_name_the_config_accepts_is_one_its_owner_runs():
+    """The config checks against the owners' tuples; each name in them works where it is used."""
+    import importlib
+
+    import torch
+
+    from iwm_fast import backends
+    from iwm_fast.data import registry
+    from iwm_fast.data.choices import DATASETS
+    from iwm_fast.models import IWMPredictor, jepa_loss
+    from iwm_fast.models.choices import CONDITIONINGS, LOSSES, TARGET_MODES
+    from iwm_fast.train.choices import PRECISIONS
+    from iwm_fast.train.parallel import resolve_precision
+
+    ops = [importlib.import_module(f"iwm_fast.ops.{name}") for name in ("attention", "ema", "gather", "rope")]
+    assert [op.BACKENDS for op in ops] == [backends.ATTENTION, backends.EMA, backends.GATHER, backends.ROPE]
+    assert registry.names()[:len(DATASETS)] == DATASETS
+    assert {resolve_precision(p, "cpu") for p in PRECISIONS} == {"fp32", "bf16", "fp16"}
+    x = torch.randn(2, 3)
+    assert all(torch.isfinite(jepa_loss(x, x + 1, kind)) for kind in LOSSES)
+    for conditioning in CONDITIONINGS:
+        for mode in TARGET_MODES:
+            load_config(None, [f"predictor.conditioning={conditioning}", f"predictor.target_mode={mode}"])
+            IWMPredictor((2, 2), 8, 8, depth=1, num_heads=2, conditioning=conditioning, target_mode=mode,
+                         action_dim=0 if conditioning == "none" else 4)
+
+
+def test_a_dataset_registered_at_run_time_is_accepted(monkeypatch):
+    from iwm_fast.data import choices, registry
+
+    with pytest.raises(ConfigError, match="data.dataset must be one of 'digits', 'imagefolder', 'shards', got"):
+        load_config(None, ["data.dataset=mine"])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(choices, "_added", [])
+    registry.register("mine", build=lambda data, **kw: None, eval_split=lambda data, **kw: None)
+    assert load_config(None, ["data.dataset=mine"]).data.dataset == "mine"

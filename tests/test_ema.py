@@ -161,10 +161,7 @@ def test_momentum_out_of_range_is_refused(m):
     assert torch.equal(t[0], torch.zeros(3))
 
 
-CUDA = torch.cuda.is_available()
-
-
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("t_dtype,o_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                              (torch.float32, torch.bfloat16)])
 def test_cuda_kernel_matches_the_formula(t_dtype, o_dtype):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from iwm_fast.train import checkpoint as ckpt
-from iwm_fast.train.config import load_config
+from iwm_fast.config import load_config
 from iwm_fast.train.guard import NonFiniteLossError
 from iwm_fast.train.loop import train
 
@@ -172,22 +172,67 @@ def test_ijepa_mode_with_clipping_trains(tmp_path):
                          "predictor.conditioning=none", "predictor.target_mode=per_block", "train.loss=smooth_l1"))
     curve = losses(run)
     assert len(curve) == 4 and all(c == c for c in curve)
-    from iwm_fast.train.config import load_config as load
+    from iwm_fast.config import load_config as load
     saved = load(os.path.join(run, "config.yaml"))  # the resolved config is saved with the run
     assert saved.predictor.conditioning == "none" and saved.train.grad_clip == 1.0
 
 
-def test_flop_estimate_matches_hand_count():
+def _tiny_flop_model(target_mode):
     from iwm_fast.models import IWM, IWMPredictor, VisionTransformer
-    from iwm_fast.train.metrics import step_flops
     enc = VisionTransformer(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2)  # N = 4 tokens
-    model = IWM(enc, IWMPredictor(enc.grid, 8, 4, depth=1, num_heads=2, conditioning="none"))
+    return IWM(enc, IWMPredictor(enc.grid, 8, 4, depth=1, num_heads=2, conditioning="none",
+                                 target_mode=target_mode))
+
+
+def test_flop_estimate_matches_hand_count(monkeypatch):
+    walks = []
+    real_modules = torch.nn.Module.modules
+    monkeypatch.setattr(torch.nn.Module, "modules", lambda self: walks.append(1) or real_modules(self))
     lin_enc = 8 * 24 + 8 * 8 + 8 * 32 + 32 * 8          # qkv, proj, fc1, fc2 weights
     lin_pred = 8 * 4 + 4 * 12 + 4 * 4 + 4 * 16 + 16 * 4 + 4 * 8  # embed, blocks, proj
-    B, Nc, S, L = 3, 2, 3, 5
-    want = (2 * lin_enc * B * 4 + 4 * B * 16 * 8) + 3 * (
-        2 * lin_enc * B * Nc + 4 * B * Nc ** 2 * 8 + 2 * lin_pred * S * L + 4 * S * L ** 2 * 4)
-    assert step_flops(model, B, Nc, S, L) == want
+    nc, m, nt = 2, 3, 1
+    for mode, seqs, length in (("union", 1, nc + m * nt), ("per_block", m, nc + nt)):
+        model = _tiny_flop_model(mode)
+        want = (2 * lin_enc * 4 + 4 * 16 * 8) + 3 * (
+            2 * lin_enc * nc + 4 * nc ** 2 * 8 + 2 * lin_pred * seqs * length + 4 * seqs * length ** 2 * 4)
+        walks.clear()
+        assert model.flops_per_image(nc, (m, nt)) == want
+        assert model.flops_per_image(nc, (m, nt)) == want  # the cached value
+        model.flops_per_image(nc + 1, (m, nt))
+        assert len(walks) == 3  # the target encoder, encoder and predictor are walked once, at the first call
+
+
+def _walked_step_flops(model, batch, num_ctx, pred_seqs, pred_seq_len):
+    """The MFU's FLOP count as it was computed before the model counted its own: walking the modules per call."""
+    def linear(module, tokens):
+        return 2 * sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear)) * tokens
+    enc, pred = model.encoder, model.predictor
+    N, D, Dp = enc.num_patches, enc.embed_dim, pred.predictor_embed.out_features
+    depth, pdepth = len(enc.blocks), len(pred.predictor_blocks)
+    target = linear(model.target_encoder, batch * N) + depth * 4 * batch * N * N * D
+    context = linear(enc, batch * num_ctx) + depth * 4 * batch * num_ctx ** 2 * D
+    predictor = linear(pred, pred_seqs * pred_seq_len) + pdepth * 4 * pred_seqs * pred_seq_len ** 2 * Dp
+    return target + 3 * (context + predictor)
+
+
+@pytest.mark.parametrize("mode", ["union", "per_block"])
+def test_mfu_column_is_unchanged_by_the_cached_flop_count(mode):
+    from iwm_fast.train.log_window import LogWindow
+
+    model, world, peak, elapsed = _tiny_flop_model(mode), 2, 7.5e12, 0.37
+    window = LogWindow(logger=None, bar=None, guard=None, device=torch.device("cpu"), world_size=world,
+                       peak_flops=peak, model=model, target_mode=mode)
+    steps = [(8, 2, (3, 1)), (8, 3, (3, 1)), (5, 2, (2, 2)), (8, 2, (3, 1))]  # images, context tokens, targets
+    for i, (images, nc, tgt_shape) in enumerate(steps):
+        window.add(i + 1, None, None, {}, images=images, data_s=0.0, ctx_tokens=nc, tgt_shape=tgt_shape)
+    flops = 0.0
+    for images, nc, (m, nt) in steps:
+        n_img = images * world
+        if mode == "per_block":
+            flops += _walked_step_flops(model, n_img, nc, n_img * m, nc + nt)
+        else:
+            flops += _walked_step_flops(model, n_img, nc, n_img, nc + m * nt)
+    assert window._mfu(elapsed) == flops / elapsed / (peak * world)
 
 
 def test_resuming_with_another_model_is_refused(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from iwm_fast.train import checkpoint as ckpt
-from iwm_fast.train.config import load_config
+from iwm_fast.config import load_config
 from iwm_fast.train.guard import NonFiniteLossError
 from iwm_fast.train.loop import train
 from test_engine import TINY, losses

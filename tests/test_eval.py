@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iwm_fast.eval import (QueryBatch, evaluate, extract_features, format_summary, linear_probe, mrr_chance,
-                           plot_loss_curve, probe_encoder, random_like, reciprocal_ranks, world_model_mrr,
+from iwm_fast.eval import (MrrSettings, QueryBatch, evaluate, extract_features, format_summary, linear_probe,
+                           mrr_chance, plot_loss_curve, probe_encoder, random_like, reciprocal_ranks, world_model_mrr,
                            write_eval)
 from iwm_fast.eval.probe import fit_linear_probe
 from iwm_fast.models import IWM, IWMPredictor, VisionTransformer
@@ -200,8 +200,8 @@ def test_mrr_oracle_is_one():
     enc = tiny_vit(seed=2).eval()
     tfn = target_hook(enc)
     cfg = TransformConfig(jitter_p=1.0)  # every view jittered: no two bank views coincide
-    out = world_model_mrr(images=images(12), bank_size=16, cfg=cfg, seed=0, batch_size=64,
-                          predict_fn=lambda b: tfn(b.target), target_fn=tfn)
+    out = world_model_mrr(images=images(12), settings=MrrSettings(bank_size=16, views=cfg, seed=0, batch_size=64),
+                          hooks=(lambda b: tfn(b.target), tfn))
     assert out["mrr"] == 1.0 and out["mrr_tokens"] == 1.0
     assert out["mrr_chance"] == mrr_chance(16) and out["mrr_num_queries"] == 12
     assert out["mrr_identity"] < 0.9
@@ -211,8 +211,8 @@ def test_mrr_identical_views_give_exact_chance():
     # jitter never applied: the K views are the same image, so every ranking is a K-way tie
     enc = tiny_vit(seed=2).eval()
     tfn = target_hook(enc)
-    out = world_model_mrr(images=images(5), bank_size=8, cfg=TransformConfig(jitter_p=0.0), seed=0,
-                          predict_fn=lambda b: tfn(b.target), target_fn=tfn)
+    out = world_model_mrr(images=images(5), settings=MrrSettings(bank_size=8, views=TransformConfig(jitter_p=0.0)),
+                          hooks=(lambda b: tfn(b.target), tfn))
     assert out["mrr"] == pytest.approx(mrr_chance(8), abs=1e-12)
 
 
@@ -220,8 +220,8 @@ def test_mrr_action_blind_predictor_is_near_chance():
     enc = tiny_vit(seed=3).eval()
     tfn = target_hook(enc)
     Q, K = 96, 32
-    out = world_model_mrr(images=images(Q, seed=4), bank_size=K, seed=1, batch_size=256,
-                          predict_fn=lambda b: tfn(b.source) + 0.3, target_fn=tfn)
+    out = world_model_mrr(images=images(Q, seed=4), settings=MrrSettings(bank_size=K, seed=1, batch_size=256),
+                          hooks=(lambda b: tfn(b.source) + 0.3, tfn))
     assert abs(out["mrr"] - mrr_chance(K)) < 4 * blind_sd(K, Q)
     assert abs(out["mrr_identity"] - mrr_chance(K)) < 4 * blind_sd(K, Q)
 
@@ -236,7 +236,7 @@ def test_mrr_hooks_see_clean_source_and_true_action():
         seen["b"] = b
         return tfn(b.target)
 
-    world_model_mrr(images=x, bank_size=4, seed=0, predict_fn=spy, target_fn=tfn)
+    world_model_mrr(images=x, settings=MrrSettings(bank_size=4), hooks=(spy, tfn))
     b = seen["b"]
     torch.testing.assert_close(b.source, x, rtol=0, atol=0)  # clean: no jitter, no destructive transforms
     assert b.action.shape == (6, ACTION_DIM)
@@ -246,10 +246,10 @@ def test_mrr_hooks_see_clean_source_and_true_action():
 def test_mrr_is_deterministic_with_a_seed():
     model = tiny_iwm()
     x = images(10, seed=6)
-    a = world_model_mrr(model, x, bank_size=8, seed=3, batch_size=64)
-    b = world_model_mrr(model, x, bank_size=8, seed=3, batch_size=64)
+    a = world_model_mrr(model, x, MrrSettings(bank_size=8, seed=3, batch_size=64))
+    b = world_model_mrr(model, x, MrrSettings(bank_size=8, seed=3, batch_size=64))
     assert a == b
-    c = world_model_mrr(model, x, bank_size=8, seed=4, batch_size=64)
+    c = world_model_mrr(model, x, MrrSettings(bank_size=8, seed=4, batch_size=64))
     assert c != a
 
 
@@ -257,7 +257,7 @@ def test_mrr_is_deterministic_with_a_seed():
                                                       ("none", "per_block")])
 def test_mrr_real_iwm_model(conditioning, target_mode):
     model = tiny_iwm(conditioning, target_mode).train()
-    out = world_model_mrr(model, images(8), bank_size=16, num_queries=6, seed=0, batch_size=32)
+    out = world_model_mrr(model, images(8), MrrSettings(bank_size=16, num_queries=6, seed=0, batch_size=32))
     assert model.training  # the evaluation restores the mode
     for k in ("mrr", "mrr_tokens", "mrr_identity"):
         assert 0 < out[k] <= 1
@@ -267,16 +267,18 @@ def test_mrr_real_iwm_model(conditioning, target_mode):
 def test_mrr_ijepa_predictor_ignores_action_so_near_chance():
     model = tiny_iwm("none", "per_block")
     Q, K = 64, 16
-    out = world_model_mrr(model, images(Q, seed=8), bank_size=K, seed=2, batch_size=256)
+    out = world_model_mrr(model, images(Q, seed=8), MrrSettings(bank_size=K, seed=2, batch_size=256))
     assert abs(out["mrr"] - mrr_chance(K)) < 4 * blind_sd(K, Q)
 
 
 def test_mrr_rejects_bad_arguments():
     model = tiny_iwm()
     with pytest.raises(ValueError, match="num_queries"):
-        world_model_mrr(model, images(4), bank_size=4, num_queries=5)
+        world_model_mrr(model, images(4), MrrSettings(bank_size=4, num_queries=5))
+    with pytest.raises(ValueError, match="bank_size"):
+        world_model_mrr(model, images(4), MrrSettings(bank_size=0))
     with pytest.raises(ValueError, match="model"):
-        world_model_mrr(None, images(4), bank_size=4)
+        world_model_mrr(None, images(4), MrrSettings(bank_size=4))
 
 
 # ---------------------------------------------------------------- outputs
@@ -336,7 +338,7 @@ def test_evaluate_stages_give_the_same_numbers_as_the_parts():
     res = evaluate(model, xtr, ytr, xva, yva, bank_size=8, num_queries=4, batch_size=16, probe_epochs=20,
                    show_progress=False)
     ref = probe_encoder(model.target_encoder, xtr, ytr, xva, yva, batch_size=16, epochs=20)
-    ref.update(world_model_mrr(model, xva, bank_size=8, num_queries=4, batch_size=16))
+    ref.update(world_model_mrr(model, xva, MrrSettings(bank_size=8, num_queries=4, batch_size=16)))
     for k, v in ref.items():
         assert res[k] == v, k
 
@@ -367,8 +369,8 @@ def test_picture_true_view_rank_matches_the_mrr_ranking():
     model = tiny_iwm()
     from iwm_fast.eval.mrr import iwm_hooks
     _, target_fn = iwm_hooks(model)
-    res = world_model_mrr(model, images(3, seed=4), bank_size=16, batch_size=8, examples=3,
-                          predict_fn=lambda b: target_fn(b.target), target_fn=target_fn)
+    res = world_model_mrr(model, images(3, seed=4), MrrSettings(bank_size=16, batch_size=8, examples=3),
+                          hooks=(lambda b: target_fn(b.target), target_fn))
     for e in res["examples"]:
         assert e["rank"] == 1 and e["retrieved_is_true"][0]
         torch.testing.assert_close(e["retrieved"][0], e["target"])

@@ -9,7 +9,7 @@ import torch
 from iwm_fast.finetune import FinetuneArgs, finetune, run_finetune
 from iwm_fast.finetune.cli import main as finetune_main
 from iwm_fast.train import checkpoint as ckpt
-from iwm_fast.train.config import load_config
+from iwm_fast.config import load_config
 from iwm_fast.train.loop import train
 
 TINY = ["model.size=tiny", "model.depth=1", "model.patch_size=4", "data.image_size=24", "data.num_workers=0",

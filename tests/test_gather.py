@@ -199,7 +199,7 @@ def test_torch_compile_traces_the_op(path):
     torch.testing.assert_close(gp, rp, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels run on CUDA only")
+@pytest.mark.cuda  # bf16 kernels run on CUDA only
 def test_cuda_bf16_matches_reference():
     B, N, D, K = 8, 256, 1280, 150
     x = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -12,7 +12,7 @@ import torch
 from test_engine import TINY
 
 from iwm_fast.train import step as step_mod
-from iwm_fast.train.config import load_config
+from iwm_fast.config import load_config
 from iwm_fast.train.loop import train
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__")

@@ -9,7 +9,7 @@ from iwm_fast.masks import MultiBlockMaskCollator, sample_block_masks
 from iwm_fast.masks import _ops
 
 needs_ext = pytest.mark.skipif(not _ops.HAS_EXT, reason="iwm_fast._C is not built")
-BACKENDS = ["python", pytest.param("cpp", marks=needs_ext)]
+BACKENDS = ["torch", pytest.param("cpp", marks=needs_ext)]  # the backends that return the same masks
 GRIDS = [(14, 14), (16, 16), (7, 13), (4, 9, 11)]
 
 
@@ -111,10 +111,10 @@ def test_truncation_keeps_a_random_subset_not_the_first_rows(backend):
 
 @needs_ext
 @pytest.mark.parametrize("grid", GRIDS + [(32, 32), (8, 14, 14)])
-def test_python_and_cpp_return_identical_masks(grid):
+def test_torch_and_cpp_return_identical_masks(grid):
     for step in (0, 17):
         for kw in ({}, {"num_contexts": 2}, {"allow_overlap": True}, {"num_targets": 2, "min_keep": 4}):
-            py = sample_block_masks(24, grid, seed=13, step=step, backend="python", **kw)
+            py = sample_block_masks(24, grid, seed=13, step=step, backend="torch", **kw)
             cc = sample_block_masks(24, grid, seed=13, step=step, backend="cpp", **kw)
             assert torch.equal(py[0], cc[0]) and torch.equal(py[1], cc[1]), (grid, step, kw)
 
@@ -125,7 +125,7 @@ from iwm_fast.masks import sample_block_masks
 for grid in [(14, 14), (32, 32), (8, 14, 14), (7, 13), (9, 70)]:
     for step in (0, 5):
         for kw in ({}, {"num_contexts": 2}, {"allow_overlap": True}):
-            py = sample_block_masks(16, grid, seed=3, step=step, backend="python", **kw)
+            py = sample_block_masks(16, grid, seed=3, step=step, backend="torch", **kw)
             cc = sample_block_masks(16, grid, seed=3, step=step, backend="cpp", num_threads=1, **kw)
             if not (torch.equal(py[0], cc[0]) and torch.equal(py[1], cc[1])):
                 sys.exit(f"mismatch at {grid} step {step} {kw}")
@@ -134,7 +134,7 @@ for grid in [(14, 14), (32, 32), (8, 14, 14), (7, 13), (9, 70)]:
 
 @needs_ext
 @pytest.mark.parametrize("path", ["avx512", "avx2", "portable"])
-def test_every_cpu_vector_path_matches_the_python_reference(path):
+def test_every_cpu_vector_path_matches_the_torch_reference(path):
     # The path is fixed per process (IWM_FAST_MASKS_SIMD caps it; a CPU without the instructions runs the next
     # narrower path, still a valid check), so each runs in its own interpreter.
     import os
@@ -231,14 +231,78 @@ def test_fake_impl_gives_dynamic_shapes():
     assert isinstance(ctx.shape[2], torch.SymInt)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @needs_ext
 def test_cuda_matches_cpu():
     for grid in [(14, 14), (16, 16), (32, 32), (8, 14, 14)]:
         for kw in ({}, {"num_contexts": 2}, {"allow_overlap": True}):
             cpu = sample_block_masks(256, grid, seed=1, step=3, backend="cpp", **kw)
-            gpu = sample_block_masks(256, grid, seed=1, step=3, backend="cpp", device="cuda", **kw)
+            gpu = sample_block_masks(256, grid, seed=1, step=3, backend="cuda", device="cuda", **kw)
+            auto = sample_block_masks(256, grid, seed=1, step=3, device="cuda", **kw)
             assert gpu[0].is_cuda and torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+            assert torch.equal(auto[0], gpu[0]) and torch.equal(auto[1], gpu[1])
+
+
+# ---- one vocabulary: every backend name, and where each one runs ----------------------------------------------
+
+def test_ijepa_backend_is_the_ijepa_loop():
+    from iwm_fast.masks.ijepa_loop import ijepa_loop_masks
+
+    for grid in [(14, 14), (4, 9, 11)]:
+        kw = dict(num_targets=3, min_keep=6, target_scale=(0.1, 0.2), target_aspect=(0.5, 2.0),
+                  context_scale=(0.8, 1.0))
+        ctx, tgt = sample_block_masks(6, grid, seed=2, step=7, backend="ijepa", **kw)
+        ref_ctx, ref_tgt = ijepa_loop_masks(6, grid, seed=2, step=7, **kw)
+        assert torch.equal(ctx, ref_ctx) and torch.equal(tgt, ref_tgt)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(backend="ijepa", allow_overlap=True), "allow_overlap=False"),
+    (dict(backend="ijepa", num_contexts=2), "num_contexts=1"),
+    (dict(backend="ijepa", context_aspect=(0.5, 2.0)), "context_aspect"),
+    (dict(backend="ijepa", device="meta"), "on the CPU"),
+    (dict(backend="cuda"), "makes its output on cuda"),
+    (dict(backend="cpp", device="meta"), "makes its output on cpu"),
+    (dict(backend="host"), "auto, cpp, cuda, torch, ijepa"),
+])
+def test_a_backend_asked_for_what_it_cannot_do_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample_block_masks(4, (14, 14), **kwargs)
+
+
+def test_ijepa_backend_runs_out_of_tries_with_a_clear_error():
+    with pytest.raises(ValueError, match="max_tries=3"):
+        sample_block_masks(4, (6, 6), num_targets=8, target_scale=(0.5, 0.5), context_scale=(1.0, 1.0), min_keep=10,
+                           max_tries=3, backend="ijepa")
+
+
+def test_without_the_extension_auto_falls_back_once_and_cpp_is_refused(monkeypatch, caplog):
+    from iwm_fast.ops import dispatch
+
+    monkeypatch.setattr(_ops, "HAS_EXT", False)
+    monkeypatch.setattr(_ops, "IMPORT_ERROR", ImportError("no _C here"))
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with caplog.at_level("WARNING", logger="iwm_fast"):
+        auto = [sample_block_masks(8, (14, 14), seed=1, step=s) for s in range(2)]
+    ref = [sample_block_masks(8, (14, 14), seed=1, step=s, backend="torch") for s in range(2)]
+    assert all(torch.equal(a[0], r[0]) and torch.equal(a[1], r[1]) for a, r in zip(auto, ref))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "iwm_fast._C is not built (no _C here)" in said[0], said
+    for backend, device in (("cpp", "cpu"), ("cuda", "cuda")):
+        with pytest.raises(RuntimeError, match="iwm_fast._C is not built"):
+            sample_block_masks(8, (14, 14), backend=backend, device=device)
+
+
+def test_backends_and_the_sampler_share_one_vocabulary():
+    from iwm_fast import backends
+    from iwm_fast.masks import sampler
+
+    assert backends.MASKS is sampler.BACKENDS
+    assert backends.Backends().masks == "auto"
+    for name in sampler.BACKENDS:
+        assert backends.Backends(masks=name).masks == name
+    with pytest.raises(ValueError, match="Backends.masks='host' is not one of auto, cpp, cuda, torch, ijepa"):
+        backends.Backends(masks="host")
 
 
 def test_collator_matches_official_structure_and_steps():
@@ -280,3 +344,23 @@ def test_collator_workers_get_different_streams():
     torch.manual_seed(0)
     again = [pred[0] for _, _, pred in loader]
     assert all(torch.equal(a, b) for a, b in zip(masks, again))
+
+
+def test_the_training_step_samples_on_the_host_unless_asked_for_cuda():
+    import types
+
+    from iwm_fast.masks.ijepa_loop import ijepa_loop_masks
+    from iwm_fast.train.step import sample_masks
+
+    m = types.SimpleNamespace(num_targets=3, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
+                              context_scale=(0.85, 1.0), min_keep=4, allow_overlap=False)
+    args = dict(num_targets=3, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0),
+                min_keep=4, seed=5, step=2)
+    ctx, tgt = sample_masks(6, (14, 14), m, seed=5, step=2, device="meta", backend="auto")  # host, not "meta"
+    ref = sample_block_masks(6, (14, 14), backend="torch", **args)
+    assert ctx.device.type == "cpu" and torch.equal(ctx, ref[0]) and torch.equal(tgt, ref[1])
+    ctx, tgt = sample_masks(6, (14, 14), m, seed=5, step=2, device="meta", backend="ijepa")
+    ref = ijepa_loop_masks(6, (14, 14), **args)  # what the benchmark's configurations (a) and (b) sampled
+    assert torch.equal(ctx, ref[0]) and torch.equal(tgt, ref[1])
+    with pytest.raises(ValueError, match="makes its output on cuda, not on cpu"):
+        sample_masks(6, (14, 14), m, seed=5, step=2, device="cpu", backend="cuda")

@@ -46,10 +46,23 @@ class _DiskFullAfter:
         return getattr(self.f, name)
 
 
+class _NoEvents:
+    """Stands in for TensorBoard's SummaryWriter: not under test, and its event files would join the run folder."""
+
+    def __init__(self, log_dir):
+        pass
+
+    def add_scalar(self, *args):
+        pass
+
+    def close(self):
+        pass
+
+
 @pytest.fixture(autouse=True)
 def no_tensorboard(monkeypatch):
     import torch.utils.tensorboard as tb
-    monkeypatch.setattr(tb, "SummaryWriter", None)  # not under test: keep event files out of the run folder
+    monkeypatch.setattr(tb, "SummaryWriter", _NoEvents)
 
 
 def test_resume_drops_only_the_rows_after_the_checkpoint(tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from iwm_fast.data import UnreadableImageWarning, registry
 from iwm_fast.data.make_shards import main as make_shards
 from iwm_fast.data.shards import ShardDataset, ShardLoader, read_samples
-from iwm_fast.train.config import load_config
+from iwm_fast.config import load_config
 
 N_IMAGES = 23
 
@@ -186,7 +186,8 @@ def test_registry_builds_each_dataset_and_its_eval_split(shard_dir):
     for name, (root, cls) in cases.items():
         cfg = _cfg(name, root)
         assert isinstance(build_dataset(cfg), cls)
-        (tx, ty), (vx, vy) = registry.get(name).eval_split(cfg)
+        (tx, ty), (vx, vy) = registry.get(name).eval_split(cfg.data, seed=cfg.train.seed,
+                                                           max_images=cfg.eval.max_train_images)
         assert tx.shape[1:] == vx.shape[1:] == (3, 8, 8) and len(tx) == len(ty) and len(vx) == len(vy) > 0
         stream = BatchStream(cfg, rank=0, world_size=1, micro_batch=2)
         assert next(stream)["images"].shape == (2, 3, 8, 8)
@@ -230,11 +231,9 @@ def test_training_from_shards_resumes_bit_identically(shard_dir, tmp_path, monke
             f"data.root={shard_dir / 'out'}", f"train.out_dir={out}"])
 
     def final(run):
-        try:
-            from iwm_fast.models import build_iwm as build
-        except ImportError:  # before the model factory
-            from iwm_fast.train.loop import build_model as build
-        model = build(load_config(os.path.join(run, "config.yaml")))
+        from iwm_fast.models import build_iwm
+
+        model = build_iwm(load_config(os.path.join(run, "config.yaml")))
         ckpt.load_checkpoint(ckpt.latest_checkpoint(os.path.join(run, "checkpoints")), model)
         return model.state_dict()
 

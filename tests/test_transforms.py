@@ -229,7 +229,7 @@ def test_same_seed_same_params_and_steps_differ():
     assert not torch.equal(a, action_vector(sample_params(32, seed=6, step=11)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_same_params_on_cuda():
     a = sample_params(64, seed=1, step=2)
     b = sample_params(64, seed=1, step=2, device="cuda")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iwm_fast.train.config import load_config
+from iwm_fast.config import load_config
 from iwm_fast.train.loop import train
 from iwm_fast.transforms import ACTION_DIM, action_vector, apply, normalize, sample_params
 from iwm_fast.world_model import WorldModel, identity_action, transform_params

@@ -184,7 +184,7 @@ def engine_data_wait(root, device, workers, steps, out_dir):
     over the steps after the first. CPU: ViT-tiny with 2 blocks, batch 8; CUDA: ViT-B/16, batch 64."""
     import csv
 
-    from ..train.config import load_config
+    from ..config import load_config
     from ..train.loop import train
 
     if torch.device(device).type == "cuda":

@@ -59,9 +59,9 @@ class Config:
 
 CONFIGS = {
     "a_ijepa_eager": Config("(a) I-JEPA-style eager",
-                            Backends(attention="eager", gather="ijepa", ema="loop", masks="ijepa_cpu")),
+                            Backends(attention="eager", gather="ijepa", ema="loop", masks="ijepa")),
     "b_pytorch_compile": Config("(b) PyTorch best practice + compile",
-                                Backends(attention="sdpa", gather="torch", ema="foreach", masks="ijepa_cpu"),
+                                Backends(attention="sdpa", gather="torch", ema="foreach", masks="ijepa"),
                                 compile=True, prefetched_masks=True),
     "c_iwm_fast": Config("(c) iwm-fast kernels", Backends()),
     "d_iwm_fast_compile": Config("(d) iwm-fast kernels + compile", Backends(), compile=True),
@@ -94,7 +94,7 @@ def steps(device, quick):
 
 def case_config(case, config):
     """The run config of ``case`` under ``config``: what ``iwm-train`` would be given."""
-    from ..train.config import load_config
+    from ..config import load_config
 
     overrides = [f"model.size={case.size}", f"model.patch_size={case.patch}", f"data.image_size={case.img}",
                  f"predictor.preset={case.mode}", f"train.batch_size={case.batch}", "train.seed=0",
@@ -155,7 +155,7 @@ class Stepper:
         if config.prefetched_masks:  # produced off the critical path, as by DataLoader workers
             for s in range(total_steps):
                 ctx, tgt = sample_masks(case.batch, self.grid, self.cfg.masks, seed=seed, step=s, device=self.device,
-                                        kind=config.backends.masks)
+                                        backend=config.backends.masks)
                 self.prefetched[s] = (ctx.pin_memory(), tgt.pin_memory()) if self.cuda else (ctx, tgt)
 
     def step(self, step, timer):
@@ -163,9 +163,9 @@ class Stepper:
 
         timer = timer or NO_TIMER
         timer.mark("start")
-        mb = make_inputs(self.images, rows=self.rows, global_batch=self.case.batch, grid=self.grid, cfg=self.cfg,
-                         seed=self.seed, step=step, device=self.device, backends=self.config.backends,
-                         masks=self.prefetched.get(step))
+        mb = make_inputs(self.images, rows=self.rows, global_batch=self.case.batch, grid=self.grid,
+                         mask_config=self.cfg.masks, augment=self.cfg.augment, seed=self.seed, step=step,
+                         device=self.device, backends=self.config.backends, masks=self.prefetched.get(step))
         timer.mark("data")
         loss, _ = train_step(self.run.model, self.run.optimizer, [mb], lr=1e-4, wd=0.04, momentum=0.996,
                              scaler=self.run.scaler, backends=self.config.backends, step=step, timer=timer)

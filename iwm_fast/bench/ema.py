@@ -20,7 +20,8 @@ from . import harness
 
 def encoder(size, patch_size, device, depth=None):
     """A ViT encoder of the given size, made on the meta device and then materialized on ``device``."""
-    from ..models.vit import VIT_SIZES, VisionTransformer
+    from ..models.choices import VIT_SIZES
+    from ..models.vit import VisionTransformer
 
     s = VIT_SIZES[size]
     with torch.device("meta"):

@@ -1,10 +1,11 @@
 """Mask-sampling benchmark: time per batch of multi-block masks (B = 256; grids 14x14, 16x16, 32x32, 8x14x14).
 
-Providers: ``ijepa_loop`` (the I-JEPA collator's algorithm with per-sample Python loops, written below),
-``python_vectorised`` (our fallback), ``cpp_1thread`` / ``cpp_all_threads`` (the C++ CPU op on its widest
-vector path) and ``cuda`` (the CUDA op, launches and the one host sync included). The narrower CPU paths are
-timed on one core too (``cpp_1thread_avx2``, ``cpp_1thread_portable``: what a CPU without AVX-512 or AVX2
-would run, same masks). Speedups are reported against ``ijepa_loop``, measured in the same run.
+Providers, named by ``sample_block_masks``'s backends (``iwm_fast.backends.MASKS``): ``ijepa`` (the
+I-JEPA collator's algorithm with per-sample Python loops), ``torch`` (our vectorised PyTorch fallback),
+``cpp_1thread`` / ``cpp_all_threads`` (the C++ CPU op on its widest vector path) and ``cuda`` (the CUDA op,
+launches and the one host sync included). The narrower CPU paths are timed on one core too
+(``cpp_1thread_avx2``, ``cpp_1thread_portable``: what a CPU without AVX-512 or AVX2 would run, same masks).
+Speedups are reported against ``ijepa``, measured in the same run.
 """
 import contextlib
 import os
@@ -13,7 +14,6 @@ import torch
 
 from iwm_fast.bench import harness
 from iwm_fast.masks import _ops, sample_block_masks
-from iwm_fast.masks.ijepa_loop import ijepa_loop_masks
 
 GRIDS = [(14, 14), (16, 16), (32, 32), (8, 14, 14)]
 QUICK_GRIDS = [(14, 14), (4, 8, 8)]
@@ -40,9 +40,9 @@ def _cpu_path(path):
 
 def _providers(device, batch, grid):
     dev = torch.device(device)
-    yield "ijepa_loop", "cpu", lambda: ijepa_loop_masks(batch, grid)
+    yield "ijepa", "cpu", lambda: sample_block_masks(batch, grid, backend="ijepa")
     if dev.type == "cpu":
-        yield "python_vectorised", "cpu", lambda: sample_block_masks(batch, grid, backend="python")
+        yield "torch", "cpu", lambda: sample_block_masks(batch, grid, backend="torch")
         if _ops.HAS_EXT:
             yield "cpp_1thread", "cpu", lambda: sample_block_masks(batch, grid, backend="cpp", num_threads=1)
             for path in reversed(_narrower_cpu_paths()):
@@ -51,13 +51,13 @@ def _providers(device, batch, grid):
             yield "cpp_all_threads", "cpu", lambda: sample_block_masks(batch, grid, backend="cpp",
                                                                        num_threads=os.cpu_count() or 1)
     else:
-        yield "python_vectorised", device, lambda: sample_block_masks(batch, grid, backend="python", device=dev)
+        yield "torch", device, lambda: sample_block_masks(batch, grid, backend="torch", device=dev)
         if _ops.HAS_EXT:
             yield "cpp_1thread", "cpu", lambda: sample_block_masks(batch, grid, backend="cpp", num_threads=1)
             yield "cpp_all_threads", "cpu", lambda: sample_block_masks(batch, grid, backend="cpp",
                                                                        num_threads=os.cpu_count() or 1)
         if _ops.cuda_available_in_ext():
-            yield "cuda", device, lambda: sample_block_masks(batch, grid, backend="cpp", device=dev)
+            yield "cuda", device, lambda: sample_block_masks(batch, grid, backend="cuda", device=dev)
 
 
 def run(device: str, quick: bool) -> list[dict]:
@@ -70,16 +70,16 @@ def run(device: str, quick: bool) -> list[dict]:
         shape = f"B{batch}_" + "x".join(map(str, grid))
         base = None
         for name, where, fn in _providers(device, batch, grid):
-            reps = 5 if name == "ijepa_loop" else 30
+            reps = 5 if name == "ijepa" else 30
             path = name.removeprefix("cpp_1thread_") if name.startswith("cpp_1thread_") else None
             with _cpu_path(path):
                 stats = harness.time_ms(fn, where, cpu_reps=3 if quick else reps)
             rows.append(harness.row("block_masks", name, shape, torch.int64, "ms_per_batch", stats, meta))
-            if name == "ijepa_loop":
+            if name == "ijepa":
                 base = stats
             else:
                 speed = (base[0] / stats[0], base[0] / stats[2], base[0] / stats[1])
-                rows.append(harness.row("block_masks", name, shape, torch.int64, "speedup_vs_ijepa_loop", speed,
+                rows.append(harness.row("block_masks", name, shape, torch.int64, "speedup_vs_ijepa", speed,
                                         meta))
     return rows
 

@@ -5,18 +5,18 @@ Batches are dicts ``{"images": uint8 [B, 3, S, S], "labels": int64 [B], "indices
 later on the training device (``iwm_fast.transforms``). From the training loaders (``build_loader``,
 ``ShardLoader``), ``num_skipped`` counts unreadable files met for the first time (by any rank), so its sum over
 batches and ranks is the number of distinct unreadable files; ``collate_skip_bad`` alone counts drops.
-Datasets are chosen by name in ``registry``.
+Datasets are chosen by name in ``registry`` (the names alone, light to import, in ``choices``); the names below
+are imported on first use.
 """
-from .collate import collate_skip_bad
-from .digits import BundledDigits, render_digits
-from .decode import (DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageWarning, decode_center_crop, decode_image,
-                     decode_random_crop)
-from .folder import IMAGE_EXTENSIONS, ImageFolder, SkippedLinkWarning
-from .loader import ResumableLoader, build_loader
-from .sampler import ResumableSampler, split_key
-from .shards import ShardDataset, ShardLoader
+from .._lazy import lazy_exports
 
-__all__ = ["BundledDigits", "ImageFolder", "ResumableSampler", "ResumableLoader", "build_loader",
-           "collate_skip_bad", "decode_image", "render_digits", "split_key", "UnreadableImageWarning",
-           "IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "ShardDataset", "ShardLoader", "SkippedLinkWarning",
-           "decode_center_crop", "decode_random_crop"]
+_EXPORTS = {
+    "collate_skip_bad": "collate", "BundledDigits": "digits", "render_digits": "digits",
+    **dict.fromkeys(("DEFAULT_MAX_IMAGE_PIXELS", "UnreadableImageWarning", "decode_center_crop", "decode_image",
+                     "decode_random_crop"), "decode"),
+    **dict.fromkeys(("IMAGE_EXTENSIONS", "ImageFolder", "SkippedLinkWarning"), "folder"),
+    "ResumableLoader": "loader", "build_loader": "loader", "ResumableSampler": "sampler", "split_key": "sampler",
+    "ShardDataset": "shards", "ShardLoader": "shards",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -8,14 +8,18 @@ from collections.abc import Callable
 
 import torch
 
+from .choices import DATASETS, add_dataset_name
+
 _REGISTRY = {}
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """``build(cfg, *, split, crop, rank, world_size)`` -> dataset; ``loader(dataset, cfg, *, batch_size, rank,
-    world_size, start_state)`` -> an iterable of batches (each pass the rest of an epoch) with ``state_dict()``;
-    ``eval_split(cfg)`` -> ``((train_images, train_labels), (val_images, val_labels))`` of evaluation views."""
+    """Each receives the ``data`` config section and the values it needs, not the whole config:
+    ``build(data, *, seed, split, crop, rank, world_size)`` -> dataset; ``loader(dataset, data, *, seed,
+    batch_size, rank, world_size, start_state)`` -> an iterable of batches (each pass the rest of an epoch) with
+    ``state_dict()``; ``eval_split(data, *, seed, max_images)`` -> ``((train_images, train_labels), (val_images,
+    val_labels))`` of at most ``max_images`` evaluation views."""
     name: str
     build: Callable
     loader: Callable
@@ -26,6 +30,7 @@ def register(name, *, build, eval_split, loader=None):
     if name in _REGISTRY:
         raise ValueError(f"data.dataset {name!r} is already registered")
     _REGISTRY[name] = DatasetSpec(name, build, loader or map_style_loader, eval_split)
+    add_dataset_name(name)
 
 
 def names():
@@ -38,12 +43,12 @@ def get(name):
     return _REGISTRY[name]
 
 
-def map_style_loader(dataset, cfg, *, batch_size, rank, world_size, start_state=None):
+def map_style_loader(dataset, data, *, seed, batch_size, rank, world_size, start_state=None):
     """A ``ResumableLoader`` over a map-style dataset (sample keys from a ``ResumableSampler``)."""
     from .loader import build_loader
 
-    loader, _ = build_loader(dataset, batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed,
-                             num_workers=cfg.data.num_workers, start_state=start_state)
+    loader, _ = build_loader(dataset, batch_size, rank=rank, world_size=world_size, seed=seed,
+                             num_workers=data.num_workers, start_state=start_state)
     return loader
 
 
@@ -61,37 +66,35 @@ def images_and_labels(items):
 
 # ----- digits -----
 
-def _digits(cfg, *, split="train", crop=True, rank=0, world_size=1):
+def _digits(data, *, seed, split="train", crop=True, rank=0, world_size=1):
     from .digits import BundledDigits
 
-    return BundledDigits(split=split, image_size=cfg.data.image_size, crop=crop, seed=cfg.train.seed,
-                         crop_scale=cfg.data.crop_scale)
+    return BundledDigits(split=split, image_size=data.image_size, crop=crop, seed=seed, crop_scale=data.crop_scale)
 
 
-def _digits_eval(cfg):
-    limit = cfg.eval.max_train_images
-    tr, va = _digits(cfg, split="train", crop=False), _digits(cfg, split="val", crop=False)
-    return (images_and_labels(tr[i] for i in range(min(len(tr), limit))),
-            images_and_labels(va[i] for i in range(min(len(va), limit))))
+def _digits_eval(data, *, seed, max_images):
+    tr, va = (_digits(data, seed=seed, split=split, crop=False) for split in ("train", "val"))
+    return (images_and_labels(tr[i] for i in range(min(len(tr), max_images))),
+            images_and_labels(va[i] for i in range(min(len(va), max_images))))
 
 
 # ----- imagefolder -----
 
-def _folder(cfg, *, split="train", crop=True, rank=0, world_size=1):
+def _folder(data, *, seed, split="train", crop=True, rank=0, world_size=1):
     from .folder import ImageFolder
 
-    if not cfg.data.root:
+    if not data.root:
         raise ValueError("data.dataset=imagefolder needs data.root (a folder of class subfolders)")
-    return ImageFolder(cfg.data.root, image_size=cfg.data.image_size, crop=crop, seed=cfg.train.seed,
-                       crop_scale=cfg.data.crop_scale, max_image_pixels=cfg.data.max_image_pixels)
+    return ImageFolder(data.root, image_size=data.image_size, crop=crop, seed=seed, crop_scale=data.crop_scale,
+                       max_image_pixels=data.max_image_pixels)
 
 
-def _folder_eval(cfg):
+def _folder_eval(data, *, seed, max_images):
     # No validation split: hold out a fixed fifth of a seeded subset, decoding only the subset (a folder may
     # hold millions of images).
-    ds = _folder(cfg, crop=False)
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.train.seed))
-    keep = perm[:min(len(ds), cfg.eval.max_train_images)]
+    ds = _folder(data, seed=seed, crop=False)
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    keep = perm[:min(len(ds), max_images)]
     cut = int(0.8 * len(keep))
     return (images_and_labels(ds[int(i)] for i in keep[:cut]),
             images_and_labels(ds[int(i)] for i in keep[cut:]))
@@ -99,34 +102,34 @@ def _folder_eval(cfg):
 
 # ----- shards -----
 
-def _shards(cfg, *, split="train", crop=True, rank=0, world_size=1):
+def _shards(data, *, seed, split="train", crop=True, rank=0, world_size=1):
     from .shards import ShardDataset
 
-    return ShardDataset(cfg.data.root, image_size=cfg.data.image_size, crop=crop, seed=cfg.train.seed,
-                        crop_scale=cfg.data.crop_scale, rank=rank, world_size=world_size,
-                        streams=max(1, cfg.data.num_workers), max_image_pixels=cfg.data.max_image_pixels)
+    return ShardDataset(data.root, image_size=data.image_size, crop=crop, seed=seed, crop_scale=data.crop_scale,
+                        rank=rank, world_size=world_size, streams=max(1, data.num_workers),
+                        max_image_pixels=data.max_image_pixels)
 
 
-def _shards_loader(dataset, cfg, *, batch_size, rank, world_size, start_state=None):
+def _shards_loader(dataset, data, *, seed, batch_size, rank, world_size, start_state=None):
     from .shards import ShardLoader
 
-    return ShardLoader(dataset, batch_size, num_workers=cfg.data.num_workers, start_state=start_state)
+    return ShardLoader(dataset, batch_size, num_workers=data.num_workers, start_state=start_state)
 
 
-def _shards_eval(cfg):
+def _shards_eval(data, *, seed, max_images):
     # The first samples of the sorted shards, read front to back (shards allow no cheap random access);
     # every fifth is held out. Shards written by iwm-make-shards are shuffled, so these mix the classes.
     from .shards import ShardDataset, read_samples
 
-    ds = ShardDataset(cfg.data.root, image_size=cfg.data.image_size, crop=False, seed=cfg.train.seed,
-                      max_image_pixels=cfg.data.max_image_pixels)
+    ds = ShardDataset(data.root, image_size=data.image_size, crop=False, seed=seed,
+                      max_image_pixels=data.max_image_pixels)
     items = []
     for sid, path in enumerate(ds.paths):
         for ordinal, key, group in read_samples(path):
             items.append(ds.decode(sid, ordinal, key, group, epoch=0))
-            if len(items) >= cfg.eval.max_train_images:
+            if len(items) >= max_images:
                 break
-        if len(items) >= cfg.eval.max_train_images:
+        if len(items) >= max_images:
             break
     return (images_and_labels(it for j, it in enumerate(items) if j % 5 != 4),
             images_and_labels(it for j, it in enumerate(items) if j % 5 == 4))
@@ -135,3 +138,5 @@ def _shards_eval(cfg):
 register("digits", build=_digits, eval_split=_digits_eval)
 register("imagefolder", build=_folder, eval_split=_folder_eval)
 register("shards", build=_shards, eval_split=_shards_eval, loader=_shards_loader)
+if names() != DATASETS:
+    raise ImportError(f"data.registry registers {names()} but data.choices.DATASETS names {DATASETS}")

@@ -9,7 +9,7 @@ import time
 import torch
 
 from .features import build_random_encoder, extract_features
-from .mrr import world_model_mrr
+from .mrr import MrrSettings, world_model_mrr
 from .picture import world_model_figure
 from .probe import DEFAULT_WD_GRID, fit_linear_probe
 from .progress import progress_bar
@@ -47,7 +47,7 @@ def _say_mrr_cost(bank_size, num_queries, num_images):
 
 def evaluate(model, train_images, train_labels, val_images, val_labels, *, mrr_images=None, bank_size=256,
              num_queries=64, cfg=None, seed=0, device=None, batch_size=256, probe_epochs=100,
-             probe_wd=DEFAULT_WD_GRID, transforms=None, show_progress=True, examples=0, picture=None) -> dict:
+             probe_wd=DEFAULT_WD_GRID, show_progress=True, examples=0, picture=None) -> dict:
     """Probe the frozen target encoder (and a random twin), then measure the world-model MRR.
 
     The MRR queries are the first ``num_queries`` of ``mrr_images`` (the validation images by default).
@@ -76,9 +76,9 @@ def evaluate(model, train_images, train_labels, val_images, val_labels, *, mrr_i
     num_queries = min(num_queries, queries.shape[0])
     _say_mrr_cost(bank_size, num_queries, train_images.shape[0] + val_images.shape[0])
     with progress_bar(num_queries * bank_size, "eval: world-model MRR", "img", enabled=show_progress) as bar:
-        results.update(world_model_mrr(model, queries, bank_size=bank_size, num_queries=num_queries, cfg=cfg,
-                                       seed=seed, device=device, batch_size=batch_size, transforms=transforms,
-                                       progress=bar.update, examples=examples or (4 if picture else 0)))
+        settings = MrrSettings(bank_size=bank_size, num_queries=num_queries, views=cfg, seed=seed,
+                               batch_size=batch_size, examples=examples or (4 if picture else 0))
+        results.update(world_model_mrr(model, queries, settings, device=device, progress=bar.update))
     if picture:
         shown = results["examples"] if examples else results.pop("examples")
         log.info("eval: world-model picture in %s", world_model_figure(shown, picture))

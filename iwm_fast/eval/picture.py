@@ -8,7 +8,7 @@ from .report import save_png
 
 
 def world_model_figure(examples, png_path, *, title=None) -> str:
-    """Draw the ``examples`` of ``world_model_mrr(..., examples=n)`` into ``png_path``; returns the path."""
+    """Draw the ``examples`` of ``world_model_mrr`` (``MrrSettings(examples=n)``) into ``png_path``; its path."""
     if not examples:
         raise ValueError("no examples to draw")
     import matplotlib

@@ -34,7 +34,7 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="[iwm-fast] %(message)s", stream=sys.stderr)
-    from ..train.config import ConfigError
+    from ..config import ConfigError
     from .run import finetune
 
     try:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..eval.progress import progress_bar
 from ..models import build_iwm
 from ..train import checkpoint as ckpt
-from ..train.config import load_config
+from ..config import load_config
 from ..train.metrics import MetricsLogger
 from ..train.schedules import lr_at
 from .models import EncoderClassifier, PredictorClassifier, trainable_params

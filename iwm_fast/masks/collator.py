@@ -19,6 +19,7 @@ class MultiBlockMaskCollator:
     get different streams while ``torch.manual_seed`` still makes the whole run repeat.
 
     ``input_size`` may be ``(frames, H, W)`` with ``patch_size`` ``(tubelet, p, p)`` for video (3-D blocks).
+    ``backend`` and ``device``: ``sample_block_masks``'s (``iwm_fast.backends.MASKS``).
     """
 
     def __init__(self, input_size=(224, 224), patch_size=16, enc_mask_scale=(0.2, 0.8),

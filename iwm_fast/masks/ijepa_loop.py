@@ -1,7 +1,7 @@
 """I-JEPA's multi-block mask algorithm as its collator runs it: per-sample Python loops on the CPU.
 
-The baseline that the mask benchmark and the end-to-end benchmark's configuration (a) time against our sampler,
-and ``Backends(masks="ijepa_cpu")`` in the training step.
+The baseline that the mask benchmark and the end-to-end benchmark's configuration (a) time against our sampler:
+``sample_block_masks(..., backend="ijepa")`` and ``Backends(masks="ijepa")`` in the training step run it.
 """
 import math
 
@@ -38,11 +38,11 @@ def _ijepa_block(gen, ext, grid3, min_keep, forbidden=None, max_tries=100):
             complement = torch.ones(T, H, W, dtype=torch.int32)
             complement[t0:t0 + t, h0:h0 + h, w0:w0 + w] = 0
             return idx, complement
-    raise RuntimeError("no valid block")
+    raise ValueError(f"no block of {t}x{h}x{w} tokens keeps min_keep={min_keep} in max_tries={max_tries} tries")
 
 
 def ijepa_loop_masks(batch_size, grid, seed=0, step=0, num_targets=4, min_keep=10, target_scale=(0.15, 0.2),
-                     target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0)):
+                     target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), max_tries=100):
     """The official collator's algorithm: Python loops over samples and blocks, dense masks, cut to the minimum.
 
     Returns ``(context [B, Nc], targets [B, M, Nt])`` int64 CPU tensors, keyed by (seed, step)."""
@@ -55,11 +55,11 @@ def ijepa_loop_masks(batch_size, grid, seed=0, step=0, num_targets=4, min_keep=1
     for _ in range(batch_size):
         targets, complements = [], []
         for _ in range(num_targets):
-            idx, comp = _ijepa_block(gen, p_ext, grid3, min_keep)
+            idx, comp = _ijepa_block(gen, p_ext, grid3, min_keep, max_tries=max_tries)
             targets.append(idx)
             complements.append(comp)
             keep_pred = min(keep_pred, idx.numel())
-        ctx, _ = _ijepa_block(gen, e_ext, grid3, min_keep, forbidden=complements)
+        ctx, _ = _ijepa_block(gen, e_ext, grid3, min_keep, forbidden=complements, max_tries=max_tries)
         keep_enc = min(keep_enc, ctx.numel())
         pred.append(targets)
         enc.append(ctx)

@@ -1,11 +1,15 @@
-"""Models of the IWM method: ViT encoders, the conditioned predictor and the IWM wrapper."""
-from .factory import build_iwm, resolve_predictor
-from .iwm import IWM
-from .loss import jepa_loss
-from .predictor import PREDICTOR_PRESETS, IWMPredictor, PredictorPreset, predictor_preset
-from .vit import (VIT_SIZES, VisionTransformer, ViTSize, build_vit, vit_base, vit_giant, vit_huge, vit_large,
-                  vit_size, vit_small, vit_tiny)
+"""Models of the IWM method: ViT encoders, the conditioned predictor and the IWM wrapper.
 
-__all__ = ["VisionTransformer", "IWMPredictor", "IWM", "vit_tiny", "vit_small", "vit_base", "vit_large",
-           "vit_huge", "vit_giant", "build_vit", "vit_size", "VIT_SIZES", "ViTSize", "PREDICTOR_PRESETS",
-           "PredictorPreset", "predictor_preset", "jepa_loss", "build_iwm", "resolve_predictor"]
+Names are imported on first use, so that ``choices`` (sizes, presets, options) is light to import.
+"""
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "build_iwm": "factory", "resolve_predictor": "choices", "IWM": "iwm", "jepa_loss": "loss",
+    "IWMPredictor": "predictor", "PREDICTOR_PRESETS": "choices", "PredictorPreset": "choices",
+    "predictor_preset": "choices", "VIT_SIZES": "choices", "ViTSize": "choices", "vit_size": "choices",
+    **dict.fromkeys(("VisionTransformer", "build_vit", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge",
+                     "vit_giant"), "vit"),
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

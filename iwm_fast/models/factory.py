@@ -6,19 +6,10 @@ so what the benchmark times is what the engine trains.
 import torch
 
 from ..transforms import ACTION_DIM
+from .choices import resolve_predictor
 from .iwm import IWM
-from .predictor import IWMPredictor, predictor_preset
+from .predictor import IWMPredictor
 from .vit import build_vit
-
-
-def resolve_predictor(p):
-    """(depth, width, conditioning, target_mode) of a ``predictor`` config section: its preset's values, each
-    replaced by the section's own where that is set (0 or "" means the preset's)."""
-    if p.preset:
-        base = predictor_preset(p.preset)
-        return (p.depth or base.depth, p.width or base.width, p.conditioning or base.conditioning,
-                p.target_mode or base.target_mode)
-    return p.depth, p.width, p.conditioning or "feature", p.target_mode or "union"
 
 
 def build_iwm(cfg, backends=None, *, seed=None):

@@ -23,6 +23,8 @@ class IWM(nn.Module):
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.predictor = predictor
         self.loss_kind = loss
+        self._flops = {}  # (context tokens, blocks, tokens per block) -> flops_per_image
+        self._linear_weights = None  # (target encoder, encoder, predictor): counted at the first flops_per_image
 
     @torch.no_grad()
     def targets(self, target_images, tgt_idx):
@@ -40,18 +42,41 @@ class IWM(nn.Module):
         z = self.encoder(source_images, ctx_idx)
         return self.predictor(z, ctx_idx, tgt_idx, action)
 
-    def forward(self, source, target, ctx_idx, tgt_idx, action=None, timer=None):
-        """The loss. ``timer.mark(phase)`` (the benchmark's phase timer) is called after each phase; a hook on
-        the context tokens marks where the backward leaves the predictor for the context encoder."""
+    def flops_per_image(self, ctx_tokens, tgt_shape):
+        """Approximate training FLOPs of one image in a step with ``ctx_tokens`` context tokens and ``tgt_shape``
+        = (blocks, tokens per block) targets: forward and backward (3x the forward) of the context encoder and
+        the predictor, the forward of the target encoder. A forward costs 2 FLOPs per Linear weight per token
+        plus ``4 * L**2 * D`` per attention layer over L tokens (scores and values). Cached per shape."""
+        key = (ctx_tokens, *tgt_shape)
+        if key not in self._flops:
+            blocks, per_block = tgt_shape
+            if self.predictor.target_mode == "per_block":  # one predictor sequence per block
+                sequences, length = blocks, ctx_tokens + per_block
+            else:
+                sequences, length = 1, ctx_tokens + blocks * per_block
+            if self._linear_weights is None:
+                self._linear_weights = tuple(_linear_weights(m) for m in (self.target_encoder, self.encoder,
+                                                                          self.predictor))
+            w_target, w_context, w_predictor = self._linear_weights
+            enc, pred = self.encoder, self.predictor
+            depth, dim = len(enc.blocks), enc.embed_dim
+            target = _forward_flops(w_target, depth, dim, 1, enc.num_patches)
+            context = _forward_flops(w_context, depth, dim, 1, ctx_tokens)
+            predictor = _forward_flops(w_predictor, len(pred.predictor_blocks), pred.predictor_embed.out_features,
+                                       sequences, length)
+            self._flops[key] = target + 3 * (context + predictor)
+        return self._flops[key]
+
+    def forward(self, source, target, ctx_idx, tgt_idx, action=None):
+        """The loss of predicting the target view's latents at ``tgt_idx`` from the source view's ``ctx_idx``."""
         h = self.targets(target, tgt_idx)
-        if timer is None or not timer.enabled:
-            return jepa_loss(self.predict(source, ctx_idx, tgt_idx, action), h, self.loss_kind)
-        timer.mark("target_encoder")
-        ctx_idx = as_context_tensor(ctx_idx)
-        z = self.encoder(source, ctx_idx)
-        timer.mark("context_fwd")
-        if z.requires_grad:
-            z.register_hook(lambda grad: timer.mark("predictor_bwd"))
-        loss = jepa_loss(self.predictor(z, ctx_idx, tgt_idx, action), h, self.loss_kind)
-        timer.mark("predictor_fwd")
-        return loss
+        return jepa_loss(self.predict(source, ctx_idx, tgt_idx, action), h, self.loss_kind)
+
+
+def _linear_weights(module):
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _forward_flops(linear_weights, depth, dim, sequences, length):
+    """Forward FLOPs over ``sequences`` sequences of ``length`` tokens (integers: exact)."""
+    return 2 * linear_weights * sequences * length + depth * 4 * sequences * length ** 2 * dim

@@ -1,7 +1,7 @@
 """JEPA regression loss between predictions and stop-gradient targets."""
 import torch.nn.functional as F
 
-LOSSES = ("l2", "smooth_l1")
+from .choices import LOSSES
 
 
 def jepa_loss(pred, target, kind="l2"):

@@ -2,40 +2,13 @@
 
 With ``conditioning="none"`` and ``target_mode="per_block"`` it is exactly I-JEPA's predictor.
 """
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
 from ..layers.block import LN_EPS, Block
 from ..ops.gather import apply_masks, masked_gather
+from .choices import CONDITIONINGS, TARGET_MODES
 from .pos_embed import sincos_2d
-
-CONDITIONINGS = ("feature", "sequence", "none")
-TARGET_MODES = ("union", "per_block")
-
-
-@dataclass(frozen=True)
-class PredictorPreset:
-    depth: int
-    width: int
-    conditioning: str
-    target_mode: str
-
-
-PREDICTOR_PRESETS = {
-    "iwm-inv": PredictorPreset(12, 384, "feature", "union"),   # weak predictor: invariant features
-    "iwm-equi": PredictorPreset(18, 384, "feature", "union"),  # strong predictor: equivariant features
-    "ijepa": PredictorPreset(12, 384, "none", "per_block"),
-}
-
-
-def predictor_preset(name):
-    try:
-        return PREDICTOR_PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown predictor preset {name!r}; choose one of {sorted(PREDICTOR_PRESETS)}") from None
-
 
 def as_target_tensor(targets):
     """Target positions as one [B, M, Nt] tensor; accepts I-JEPA's list of M [B, Nt] tensors too."""

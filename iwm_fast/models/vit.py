@@ -1,30 +1,11 @@
 """Vision Transformer encoder with I-JEPA's parameter names, so its public checkpoints load with strict=True."""
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
 from ..layers.block import LN_EPS, Block
 from ..ops.gather import apply_masks
+from .choices import vit_size
 from .pos_embed import sincos_2d
-
-
-@dataclass(frozen=True)
-class ViTSize:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-
-
-VIT_SIZES = {
-    "tiny": ViTSize(192, 12, 3),
-    "small": ViTSize(384, 12, 6),
-    "base": ViTSize(768, 12, 12),
-    "large": ViTSize(1024, 24, 16),
-    "huge": ViTSize(1280, 32, 16),
-    "giant": ViTSize(1408, 40, 16, 48 / 11),
-}
 
 
 class PatchEmbed(nn.Module):
@@ -109,13 +90,6 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
-
-
-def vit_size(name):
-    try:
-        return VIT_SIZES[name]
-    except KeyError:
-        raise ValueError(f"unknown model size {name!r}; choose one of {sorted(VIT_SIZES)}") from None
 
 
 def build_vit(size="base", **kwargs):

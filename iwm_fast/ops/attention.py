@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..backends import ATTENTION as BACKENDS
 from .dispatch import check_backend, use_triton
 
-BACKENDS = ("auto", "triton", "sdpa", "eager", "flash_attn", "xformers")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
 # Looked up once: torch.compile(fullgraph=True) on torch 2.11 cannot trace find_spec inside the op.

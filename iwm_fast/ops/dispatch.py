@@ -1,9 +1,13 @@
-"""The one policy every op uses to choose between its Triton kernel and its PyTorch path.
+"""The one policy every op uses to choose between its compiled implementation and its PyTorch path.
 
-``auto``: the Triton kernel on CUDA, PyTorch elsewhere. ``triton``: the kernel always; on the CPU it runs under
-the Triton interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is imported (the test suite).
-Whether triton is installed is looked up once, at import: ``torch.compile(fullgraph=True)`` on torch 2.11
-cannot trace ``importlib.util.find_spec`` inside an op.
+Triton ops (``use_triton``): ``auto`` = the Triton kernel on CUDA, PyTorch elsewhere; ``triton`` = the kernel
+always; on the CPU it runs under the Triton interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is
+imported (the test suite). Whether triton is installed is looked up once, at import: ``torch.compile(fullgraph=True)``
+on torch 2.11 cannot trace ``importlib.util.find_spec`` inside an op.
+
+Ops of the C++/CUDA extension ``iwm_fast._C`` (``use_extension``): ``auto`` = the extension's kernel for the
+output's device where it was built with one, PyTorch otherwise; ``cpp`` = its CPU kernels, ``cuda`` = its CUDA
+kernels, refused where they are missing. Either way, ``auto`` falling back to PyTorch is said once in the log.
 """
 import importlib.util
 import logging
@@ -24,11 +28,10 @@ def check_backend(op, backend, allowed):
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(allowed)}")
 
 
-def _fallback_once(op):
+def _fallback_once(op, why):
     if op not in _warned:
         _warned.add(op)
-        log.warning("%s: triton is not installed; using the PyTorch path (pip install triton for the fused kernel)",
-                    op)
+        log.warning("%s: %s; using the PyTorch path", op, why)
 
 
 def use_triton(op, backend, device, supported=True):
@@ -46,6 +49,32 @@ def use_triton(op, backend, device, supported=True):
     if backend != "auto" or device.type != "cuda" or not supported:
         return False
     if not TRITON_AVAILABLE:
-        _fallback_once(op)
+        _fallback_once(op, "triton is not installed (pip install triton for the fused kernel)")
+        return False
+    return True
+
+
+EXTENSION_DEVICES = {"cpp": "cpu", "cuda": "cuda"}
+
+
+def use_extension(op, backend, device, missing):
+    """True when ``op`` should run its ``iwm_fast._C`` kernel for outputs on ``device``.
+
+    ``missing(device_type)`` is None where the built extension has a kernel for that device type, else the
+    reason it has none (said once when ``auto`` falls back; raised for an explicit ``cpp`` or ``cuda``)."""
+    if backend in EXTENSION_DEVICES:
+        want = EXTENSION_DEVICES[backend]
+        if device.type != want:
+            raise ValueError(f"{op}: backend={backend!r} makes its output on {want}, not on {device}; "
+                             "use backend='auto' (or 'torch') there")
+        why = missing(want)
+        if why is not None:
+            raise RuntimeError(f"{op}: backend={backend!r} but {why}")
+        return True
+    if backend != "auto" or device.type not in EXTENSION_DEVICES.values():
+        return False
+    why = missing(device.type)
+    if why is not None:
+        _fallback_once(op, why)
         return False
     return True

@@ -28,13 +28,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..backends import EMA as BACKENDS
 from .dispatch import check_backend, use_triton
 from .ema_plan import cached_plan
 
 _WORK_CACHE = OrderedDict()  # (triton, ((t_ptr, o_ptr, numel, dtypes), ...)) -> the op path's _Work
 _WORK_CACHE_SIZE = 4
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-BACKENDS = ("auto", "triton", "foreach", "loop")
 
 
 def _dtensor_type():

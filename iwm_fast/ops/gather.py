@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..backends import GATHER as BACKENDS
 from .dispatch import check_backend, use_triton
 
 _CHECK_MODES = ("host", "device", "off")
@@ -38,7 +39,6 @@ if _index_check not in _CHECK_MODES:
     raise ValueError(f"IWM_FAST_INDEX_CHECK must be one of {_CHECK_MODES}, got {_index_check!r}")
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-BACKENDS = ("auto", "triton", "torch", "ijepa")
 
 
 def set_index_check(mode):

@@ -26,12 +26,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention import BACKENDS as ATTENTION_BACKENDS
+from ..backends import ATTENTION as ATTENTION_BACKENDS
+from ..backends import ROPE as BACKENDS
 from .attention import _triton_takes, attention, check_block_causal, check_layout
 from .dispatch import check_backend, use_triton
 
 LAYOUTS = ("vjepa2", "interleaved")
-BACKENDS = ("auto", "triton", "torch")
 _TABLES = {}
 
 

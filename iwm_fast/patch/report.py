@@ -1,5 +1,16 @@
 """What ``patch_model`` did: each attention-like module it replaced, and each it left alone with the reason."""
+import logging
 from dataclasses import dataclass, field
+
+log = logging.getLogger("iwm_fast")
+_SAID = set()
+
+
+def say_once(line):
+    """Log ``line`` as a warning the first time it comes up in this process (a fallback's reason, say)."""
+    if line not in _SAID:
+        _SAID.add(line)
+        log.warning("%s", line)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,1 @@
-"""The training engine: config, the FSDP2 loop, checkpoints and the CLI."""
-from .config import Config, ConfigError, load_config
-
-__all__ = ["Config", "ConfigError", "load_config"]
+"""The training engine: the FSDP2 loop, checkpoints and the CLI (the run config is ``iwm_fast.config``)."""

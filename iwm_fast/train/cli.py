@@ -9,7 +9,8 @@ import errno
 import logging
 import sys
 
-from .config import ConfigError, check_environment, load_config
+from ..config import ConfigError, load_config
+from .environment import check_environment
 
 
 def _setup_logging():

@@ -8,13 +8,15 @@ drawn per position, so a sample's views and masks do not depend on the world siz
 import logging
 
 from ..data import registry
+from ..data.choices import DECODES
 
 log = logging.getLogger("iwm_fast")
 
 
 def build_dataset(cfg, split="train", crop=True, *, rank=0, world_size=1):
     """The ``data.dataset`` named in the config (``iwm_fast.data.registry``)."""
-    return registry.get(cfg.data.dataset).build(cfg, split=split, crop=crop, rank=rank, world_size=world_size)
+    return registry.get(cfg.data.dataset).build(cfg.data, seed=cfg.train.seed, split=split, crop=crop, rank=rank,
+                                                world_size=world_size)
 
 
 class BatchStream:
@@ -26,16 +28,17 @@ class BatchStream:
     """
 
     def __init__(self, cfg, *, rank, world_size, micro_batch, start_state=None):
-        spec = registry.get(cfg.data.dataset)
-        dataset = spec.build(cfg, rank=rank, world_size=world_size)
+        data, seed = cfg.data, cfg.train.seed
+        if data.decode not in DECODES:
+            raise ValueError(f"data.decode must be one of {', '.join(map(repr, DECODES))}, got {data.decode!r}")
+        spec = registry.get(data.dataset)
+        dataset = spec.build(data, seed=seed, rank=rank, world_size=world_size)
         self.gpu = None
-        if cfg.data.decode == "gpu":
+        if data.decode == "gpu":
             from ..data import gpu_decode
 
             self.gpu = gpu_decode.enable(dataset, log=log if rank == 0 else None)
-        elif cfg.data.decode != "cpu":
-            raise ValueError(f"data.decode must be cpu or gpu, got {cfg.data.decode!r}")
-        self.loader = spec.loader(dataset, cfg, batch_size=micro_batch, rank=rank, world_size=world_size,
+        self.loader = spec.loader(dataset, data, seed=seed, batch_size=micro_batch, rank=rank, world_size=world_size,
                                   start_state=start_state)
         self._it = self._forever()
 

@@ -4,11 +4,15 @@ import os
 import torch
 import torch.distributed as dist
 
+from .choices import DEVICES
+
 
 def init_distributed(device_pref="auto"):
     """Join torchrun's process group if there is one, else start a one-process gloo group.
 
     Returns ``(rank, world_size, device)``."""
+    if device_pref not in DEVICES:
+        raise ValueError(f"unknown device {device_pref!r}; choose one of {', '.join(DEVICES)}")
     if device_pref == "auto":
         device_pref = "cuda" if torch.cuda.is_available() else "cpu"
     if device_pref == "cuda" and not torch.cuda.is_available():

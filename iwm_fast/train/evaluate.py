@@ -7,7 +7,7 @@ import torch
 from ..eval.evaluate import evaluate
 from ..models import build_iwm
 from ..eval.report import format_summary, plot_loss_curve, write_eval
-from .config import ConfigError
+from ..config import ConfigError
 
 # What iwm-eval may change in a run's saved config: the evaluation itself and where it runs. Anything else
 # (the model, the data) would evaluate a different setup than the one trained, or fail to load its checkpoint.
@@ -19,7 +19,8 @@ log = logging.getLogger("iwm_fast")
 def eval_splits(cfg):
     from ..data import registry
 
-    return registry.get(cfg.data.dataset).eval_split(cfg)
+    return registry.get(cfg.data.dataset).eval_split(cfg.data, seed=cfg.train.seed,
+                                                     max_images=cfg.eval.max_train_images)
 
 
 def _load_latest_state(run_dir, model):

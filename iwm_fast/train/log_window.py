@@ -10,14 +10,14 @@ import time
 
 import torch
 
-from .metrics import step_flops
-
 
 class LogWindow:
-    def __init__(self, *, logger, bar, guard, device, world_size, peak_flops, model, target_mode):
+    """``model.flops_per_image`` gives the MFU; ``target_mode`` is not read (the model knows its own)."""
+
+    def __init__(self, *, logger, bar, guard, device, world_size, peak_flops, model, target_mode=None):
         self.logger, self.bar, self.guard = logger, bar, guard
         self.device, self.world, self.peak = device, world_size, peak_flops
-        self.model, self.per_block = model, target_mode == "per_block"
+        self.model = model
         self._steps = []
         self._t0 = time.perf_counter()
         self._data_s = 0.0
@@ -64,12 +64,8 @@ class LogWindow:
         if self.peak is None:
             return ""
         flops = 0.0
-        for _, _, _, _, images, nc, (m, nt) in self._steps:
-            n_img = images * self.world
-            if self.per_block:  # one sequence per (sample, block)
-                flops += step_flops(self.model, n_img, nc, n_img * m, nc + nt)
-            else:
-                flops += step_flops(self.model, n_img, nc, n_img, nc + m * nt)
+        for _, _, _, _, images, ctx_tokens, tgt_shape in self._steps:
+            flops += self.model.flops_per_image(ctx_tokens, tgt_shape) * images * self.world
         return flops / elapsed / (self.peak * self.world)
 
 

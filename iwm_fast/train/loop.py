@@ -14,7 +14,7 @@ import torch.distributed as dist
 from ..ops.gather import get_index_check, set_index_check
 from .build import build_training
 from .checkpointer import Checkpointer
-from .config import save_config, validate
+from ..config import save_config
 from .data import BatchStream, rows_in_step
 from .distributed import init_distributed
 from .finish import finish, missing_outputs
@@ -53,7 +53,7 @@ def train(cfg, *, loss_hook=None, max_steps=None, backends=None):
     ``loss_hook(step, loss) -> loss`` lets tests inject faults; ``max_steps`` stops early, as a kill would;
     ``backends`` (``iwm_fast.backends.Backends``) swaps implementations, as the benchmark does.
     """
-    validate(cfg)  # load_config did for the CLI; a Config built in Python is checked here
+    cfg.validate()  # load_config did for the CLI; a Config built in Python is checked here
     rank, world, device = init_distributed(cfg.train.device)
     # Every index comes from our own mask sampler, in range by construction (and tested): skip the bounds
     # check's host read while training (the caller's setting comes back after). IWM_FAST_INDEX_CHECK=host keeps
@@ -120,8 +120,8 @@ def _train(cfg, rank, world, device, *, loss_hook, max_steps, backends):
             micro_batches = [
                 make_inputs(r["images"], rows=rows_in_step(k, micro_batch=micro, rank=rank, world_size=world,
                                                            batch_positions=r["batch_positions"], device="cpu"),
-                            global_batch=global_batch, grid=grid, cfg=cfg, seed=t.seed, step=step - 1,
-                            device=device, backends=run.backends)
+                            global_batch=global_batch, grid=grid, mask_config=cfg.masks, augment=cfg.augment,
+                            seed=t.seed, step=step - 1, device=device, backends=run.backends)
                 for k, r in enumerate(raw)]
             s = schedules_at(step - 1, t)
             loss, finite = train_step(model, optimizer, micro_batches, lr=s["lr"], wd=s["wd"],

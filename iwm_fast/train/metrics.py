@@ -1,8 +1,7 @@
-"""Per-step metrics (CSV and TensorBoard, rank 0 only), a console progress bar, and an MFU estimate."""
+"""Per-step metrics (CSV and TensorBoard, rank 0 only), a console progress bar, and the peak FLOP/s for the MFU."""
 import csv
 import io
 import os
-import sys
 
 import torch
 
@@ -26,26 +25,6 @@ def peak_flops(device):
         if key in name:
             return tflops * 1e12
     return None
-
-
-def _linear_flops(module, tokens):
-    """2 * weights * tokens for every Linear in ``module`` (attention scores are added separately)."""
-    n = sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
-    return 2 * n * tokens
-
-
-def step_flops(model, batch, num_ctx, pred_seqs, pred_seq_len):
-    """Approximate training FLOPs of one IWM step: forward+backward (3x) for the context encoder and the
-    predictor (``pred_seqs`` sequences of ``pred_seq_len`` tokens), forward only for the target encoder."""
-    enc, pred = model.encoder, model.predictor
-    N, D = enc.num_patches, enc.embed_dim
-    Dp = pred.predictor_embed.out_features
-    depth, pdepth = len(enc.blocks), len(pred.predictor_blocks)
-    target = _linear_flops(model.target_encoder, batch * N) + depth * 4 * batch * N * N * D
-    context = _linear_flops(enc, batch * num_ctx) + depth * 4 * batch * num_ctx ** 2 * D
-    predictor = (_linear_flops(pred, pred_seqs * pred_seq_len)
-                 + pdepth * 4 * pred_seqs * pred_seq_len ** 2 * Dp)
-    return target + 3 * (context + predictor)
 
 
 class MetricsWriteError(RuntimeError):
@@ -73,12 +52,9 @@ class MetricsLogger:
         except OSError as e:
             raise MetricsWriteError(f"cannot open {self.path} for appending ({e.strerror or e})") from e
         self._size = os.path.getsize(self.path)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # imported here: it takes a second, and rank 0 only
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        except Exception as e:  # TensorBoard is optional for a run; the CSV is the record
-            print(f"[iwm-fast] TensorBoard logging off: {e}", file=sys.stderr)
+        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     def _prepare(self, resume_step):
         """Leave a file holding the header and exactly the whole rows of steps 1..resume_step."""

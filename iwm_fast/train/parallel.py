@@ -6,14 +6,17 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+from .choices import PRECISIONS
+
+# The parameter dtype of each precision but "auto" (fp32: the parameters' own).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def resolve_precision(precision, device):
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose auto, bf16, fp16 or fp32")
     return precision
 
 
@@ -39,7 +42,7 @@ def parallelize(model, *, device, world_size, precision="fp32", compile_blocks=F
     receive gradients (context encoder and predictor); the target encoder runs without autograd.
     """
     mesh = init_device_mesh(torch.device(device).type, (world_size,))
-    dtype = PRECISIONS[precision]
+    dtype = DTYPES[precision]
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     for blocks, ac in ((model.encoder.blocks, activation_checkpointing),
                        (model.target_encoder.blocks, False),

@@ -1,7 +1,7 @@
 """Whether a run directory's checkpoints may be resumed under the config given now."""
 import os
 
-from .config import ConfigError, load_config, to_dict
+from ..config import ConfigError, load_config, to_dict
 
 
 # Sections whose change makes a checkpoint unusable (shapes) or its continuation a different run.

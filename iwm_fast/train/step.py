@@ -4,6 +4,7 @@ The engine's loop and the end-to-end benchmark both run exactly these two functi
 to the host: the loss and its finiteness stay on the device (the loop reads them at log steps), and a
 non-finite loss skips the AdamW and EMA updates on the device (fused AdamW's ``found_inf``, an EMA momentum of 1).
 """
+import contextlib
 import dataclasses
 
 import torch
@@ -12,8 +13,7 @@ import torch.distributed as dist
 from .. import ops
 from ..backends import FUSED
 from ..masks import sample_block_masks
-from ..masks.ijepa_loop import ijepa_loop_masks
-from ..transforms import action_vector, apply, normalize, sample_params
+from ..transforms import action_vector, apply, normalize, sample_params, to_float
 
 
 @dataclasses.dataclass
@@ -36,40 +36,67 @@ class NoTimer:
 NO_TIMER = NoTimer()
 
 
-def sample_masks(global_batch, grid, m, *, seed, step, device, kind):
-    """(context [B, Nc], targets [B, M, Nt]) of the whole global batch, from (seed, step).
+@contextlib.contextmanager
+def model_phases(model, timer):
+    """Marks the model's phases on ``timer`` from module and gradient hooks, so the model knows nothing of timing.
 
-    ``host`` (our C++ op on the CPU) and ``ijepa_cpu`` stay on the host for the caller to slice and copy;
-    ``device`` samples on the training device, whose op reads the batch's token counts back (one host sync)."""
-    args = dict(num_targets=m.num_targets, target_scale=m.target_scale, target_aspect=m.target_aspect,
-                context_scale=m.context_scale, min_keep=m.min_keep, seed=seed, step=step)
-    if kind == "ijepa_cpu":
-        if m.allow_overlap:
-            raise ValueError("Backends(masks='ijepa_cpu') does not take masks.allow_overlap=true")
-        return ijepa_loop_masks(global_batch, grid, **args)
-    return sample_block_masks(global_batch, grid, allow_overlap=m.allow_overlap,
-                              device=device if kind == "device" else "cpu", **args)
+    ``target_encoder`` ends where the context encoder's forward starts, ``context_fwd`` where it returns,
+    ``predictor_fwd`` (the predictor and the loss) where the model's forward returns, and ``predictor_bwd`` when the
+    backward reaches the context tokens. The hooks are removed on exit; a disabled timer installs none."""
+    if not timer.enabled:
+        yield
+        return
+
+    def context_done(module, args, tokens):
+        timer.mark("context_fwd")
+        if tokens.requires_grad:
+            tokens.register_hook(lambda grad: timer.mark("predictor_bwd"))
+
+    # Prepended, so the mark precedes other pre-hooks of the encoder (FSDP's all-gather): as before its call.
+    handles = [model.encoder.register_forward_pre_hook(lambda module, args: timer.mark("target_encoder"),
+                                                       prepend=True),
+               model.encoder.register_forward_hook(context_done),
+               model.register_forward_hook(lambda module, args, loss: timer.mark("predictor_fwd"))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def make_inputs(images, *, rows, global_batch, grid, cfg, seed, step, device, backends=FUSED, masks=None):
+def sample_masks(global_batch, grid, m, *, seed, step, device, backend):
+    """(context [B, Nc], targets [B, M, Nt]) of the whole global batch, from (seed, step), by the mask sampler
+    ``backend`` (``iwm_fast.backends.MASKS``).
+
+    ``cuda`` samples on the training device, whose op reads the batch's token counts back (one host sync); every
+    other backend samples on the host, for the caller to slice and copy asynchronously."""
+    return sample_block_masks(global_batch, grid, num_targets=m.num_targets, target_scale=m.target_scale,
+                              target_aspect=m.target_aspect, context_scale=m.context_scale, min_keep=m.min_keep,
+                              allow_overlap=m.allow_overlap, seed=seed, step=step,
+                              device=device if backend == "cuda" else "cpu", backend=backend)
+
+
+def make_inputs(images, *, rows, global_batch, grid, mask_config, augment, seed, step, device, backends=FUSED,
+                masks=None):
     """Build one micro-batch on ``device`` from crop-and-flipped images (uint8 or float in [0, 1]).
 
-    Masks and transformation parameters are drawn for the whole global batch from (seed, step) and sliced by
-    ``rows`` (this rank's positions in it, a CPU tensor), so every sample gets the same views and masks
-    whatever the world size. ``masks`` passes the global batch's (context, targets) sampled elsewhere.
+    Masks (``mask_config``: the config's ``masks`` section) and view parameters (``augment``: its
+    ``TransformConfig``) are drawn for the whole global batch from (seed, step) and sliced by ``rows`` (this rank's
+    positions in it, a CPU tensor), so every sample gets the same views and masks whatever the world size.
+    ``masks`` passes the global batch's (context, targets) sampled elsewhere.
     """
     device = torch.device(device)
     images = images.to(device, non_blocking=True)
-    images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    images = to_float(images)
     if masks is None:
-        masks = sample_masks(global_batch, grid, cfg.masks, seed=seed, step=step, device=device,
-                             kind=backends.masks)
+        masks = sample_masks(global_batch, grid, mask_config, seed=seed, step=step, device=device,
+                             backend=backends.masks)
     ctx, tgt = masks
     rows = rows.to(ctx.device)
     # Host to device without a sync: a non-blocking copy from pageable memory is staged at once and never waits
     # for the device.
     ctx, tgt = ctx[rows].to(device, non_blocking=True), tgt[rows].to(device, non_blocking=True)
-    params = sample_params(global_batch, cfg=cfg.augment, seed=seed, step=step, device="cpu")[rows.cpu()]
+    params = sample_params(global_batch, cfg=augment, seed=seed, step=step, device="cpu")[rows.cpu()]
     params = params.to(device, non_blocking=True)
     # The views' range check reads the images back (a host sync); crops from our loader are in range.
     return StepInputs(source=normalize(apply(images, params, "source", check_range=False)),
@@ -98,7 +125,8 @@ def train_step(model, optimizer, micro_batches, *, lr, wd, momentum, grad_clip=0
 
     Returns ``(loss, finite)``, 0-d device tensors: the loss averaged over micro-batches and ranks, and whether it
     is finite. A non-finite loss leaves every parameter, the optimizer state and the target encoder as they were,
-    on every rank, without a host read. ``timer.mark(phase)`` is called between phases (``iwm_fast.bench.e2e``).
+    on every rank, without a host read. ``timer.mark(phase)`` is called between phases (``iwm_fast.bench.e2e``);
+    the model's own phases are marked by hooks (``model_phases``).
     """
     set_optimizer_schedule(optimizer, lr, wd)
     optimizer.zero_grad(set_to_none=True)
@@ -107,7 +135,8 @@ def train_step(model, optimizer, micro_batches, *, lr, wd, momentum, grad_clip=0
     for i, mb in enumerate(micro_batches):
         if hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(i == n - 1)  # reduce-scatter once, after the last micro-batch
-        loss = model(mb.source, mb.target, mb.ctx_idx, mb.tgt_idx, mb.action, timer=timer)
+        with model_phases(model, timer):
+            loss = model(mb.source, mb.target, mb.ctx_idx, mb.tgt_idx, mb.action)
         if loss_hook is not None:
             loss = loss_hook(step, loss)
         scaled = loss / n

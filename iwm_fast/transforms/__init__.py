@@ -11,17 +11,17 @@ Typical step::
 
 With several ranks, sample the global batch and take ``params[rank::world_size]`` (the data sampler deals
 samples to ranks in that strided order), so one process and N processes see the same views.
+Names are imported on first use, so that ``config`` (the run config's ``augment`` section) is light to import.
 """
-from .action import ACTION_DIM, ACTION_LAYOUT, action_vector
-from .config import TransformConfig
-from .geometry import center_crop_resize, random_resized_crop_flip, resize, sample_crop_box
-from .params import JitterParams, TransformParams, sample_params
-from .seeding import derive_seed, generator
-from .views import IMAGENET_MEAN, IMAGENET_STD, VIEWS, apply, check_images, color_jitter, normalize, to_float
+from .._lazy import lazy_exports
 
-__all__ = [
-    "ACTION_DIM", "ACTION_LAYOUT", "action_vector", "TransformConfig", "TransformParams", "JitterParams",
-    "sample_params", "apply", "normalize", "to_float", "check_images", "color_jitter", "random_resized_crop_flip",
-    "resize", "center_crop_resize", "sample_crop_box", "derive_seed", "generator", "IMAGENET_MEAN", "IMAGENET_STD",
-    "VIEWS",
-]
+_EXPORTS = {
+    "ACTION_DIM": "action", "ACTION_LAYOUT": "action", "action_vector": "action", "TransformConfig": "config",
+    **dict.fromkeys(("center_crop_resize", "random_resized_crop_flip", "resize", "sample_crop_box"), "geometry"),
+    **dict.fromkeys(("JitterParams", "TransformParams", "sample_params"), "params"),
+    "derive_seed": "seeding", "generator": "seeding",
+    **dict.fromkeys(("IMAGENET_MEAN", "IMAGENET_STD", "VIEWS", "apply", "check_images", "color_jitter", "normalize",
+                     "to_float"), "views"),
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -41,6 +41,10 @@ class TransformConfig:
     solarize_threshold: float = 0.5
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first field out of range; ``blur_sigma`` is made a pair of floats."""
         for name in ("brightness", "contrast", "saturation"):
             _check_nonneg(name, getattr(self, name))
         _check_nonneg("hue", self.hue, upper=0.5)
