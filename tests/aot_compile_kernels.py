@@ -183,6 +183,15 @@ def _table_key(label):
     return (kernel, head, rest[-1]), ("causal" in rest)
 
 
+TABLE_HEADER = [
+    "# Attention kernels compiled ahead of time: resources of every tile choice", "",
+    "Made by `python tests/aot_compile_kernels.py 80 90 --all --jobs 2 --table docs/kernels_aot.md` (Triton's own "
+    "ptxas, no GPU; bf16, key lengths on, 16-row tails on). Each cell: registers per thread / local memory bytes per "
+    "thread (spills) / shared memory KB / CTAs per SM (the least of what registers, shared memory and warps allow; "
+    "0: over the CTA's shared-memory limit). The rules the spaces in kernels/attention_tiles.py follow, and what was "
+    "pruned: docs/gpu_check.md.", ""]
+
+
 def write_table(path, results):
     """Markdown: one row per (kernel, head dim, tiles); per arch and mode 'regs/local/smem KB/CTAs'."""
     cells, order = {}, []
@@ -199,7 +208,7 @@ def write_table(path, results):
     cols = [(a, c) for a in archs for c in (False, True)]
     head = "| kernel | head dim | tiles (rows x streamed x warps x stages) | " + " | ".join(
         f"sm_{a}{' causal' if c else ''}" for a, c in cols) + " |"
-    lines = [head, "|" + "---|" * (3 + len(cols))]
+    lines = TABLE_HEADER + [head, "|" + "---|" * (3 + len(cols))]
     for key in order:
         kernel, dim, tiles = key
         lines.append(f"| {kernel} | {dim.removeprefix('D=')} | {tiles.removeprefix('tiles=')} | "
