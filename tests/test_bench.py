@@ -263,3 +263,22 @@ def test_attention_inputs_are_the_layers_views():
     assert qkv.shape == (2, 5, 3, 3, 8) and all(t._base is qkv for t in (q, k, v))
     assert [t.shape for t in split_qkv(qkv)] == [q.shape] * 3 and do.shape == (2, 3, 5, 8)
     assert not q.is_contiguous() and do.stride(1) == 8  # [B, N, H, D] memory, as the projection leaves it
+
+
+def test_compile_ahead_covers_every_tile_choice_the_autotuned_row_may_pick():
+    from iwm_fast.bench import attention as bench_attention
+    from iwm_fast.bench import warm
+    from iwm_fast.kernels import attention_tiles as T
+
+    goals = {name: gpu for name, gpu, _ in bench_attention.GOALS}
+    tasks = warm.tasks(goals, bench_attention.AB, "vit_h14_256", device_is_cuda=True)
+    pinned = [t for t in tasks if t[3] == {T.TILES_ENV: "pinned"}]
+    assert {t[:3] for t in pinned} >= {(H, N, D) for _, H, N, D in goals.values()}
+    picked = {kernel: set() for kernel in T.KERNELS}
+    for H, N, D, env in tasks:
+        if (H, N, D) == goals["vit_h14_256"][1:] and env[T.TILES_ENV] not in ("pinned", "autotune"):
+            for kernel, tiles in T._parse_tiles(env[T.TILES_ENV]).items():
+                picked[kernel].add(tiles)
+    width = T.space_width(64 + 16)  # D = 80 split
+    for kernel in T.KERNELS:
+        assert set(T.SPACES[kernel][width]) <= picked[kernel], kernel
