@@ -38,8 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tiles import (BLOCK_NAMES, BWD_SPACES, FWD_SPACES, configs, head_dim_tiles, interpreting, prune,
-                              tail16_enabled, tile_choice)
+from .attention_tiles import BLOCK_NAMES, configs, head_dim_tiles, interpreting, prune, tail16_enabled, tile_choice
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(x) = log2(x) * LN2
@@ -238,7 +237,7 @@ def _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride
     return m_new, l_i, acc_a, acc_b
 
 
-@triton.autotune(configs=configs(FWD_SPACES, BLOCK_NAMES["fwd"]), key=_TUNE_KEY, cache_results=True,
+@triton.autotune(configs=configs("fwd"), key=_TUNE_KEY, cache_results=True,
                  prune_configs_by={"early_config_prune": prune("fwd")})
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
@@ -332,7 +331,7 @@ def _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse
     return dk_a, dk_b, dv_a, dv_b
 
 
-@triton.autotune(configs=configs(BWD_SPACES, BLOCK_NAMES["dkdv"]), key=_TUNE_KEY, cache_results=True,
+@triton.autotune(configs=configs("dkdv"), key=_TUNE_KEY, cache_results=True,
                  prune_configs_by={"early_config_prune": prune("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
@@ -433,7 +432,7 @@ def _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, str
     return _dot_acc(ds, k_a, k_b, dq_a, dq_b, SPLIT, PRECISION)
 
 
-@triton.autotune(configs=configs(BWD_SPACES, BLOCK_NAMES["dq"]), key=_TUNE_KEY, cache_results=True,
+@triton.autotune(configs=configs("dq"), key=_TUNE_KEY, cache_results=True,
                  prune_configs_by={"early_config_prune": prune("dq")})
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,

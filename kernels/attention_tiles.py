@@ -29,7 +29,8 @@ KERNELS = ("fwd", "dq", "dkdv")
 # Meta-parameter names of (own rows, streamed rows) per kernel.
 BLOCK_NAMES = {"fwd": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_N", "BLOCK_M")}
 
-FWD_SPACES = {
+# Every tile choice compiled ahead of time (tests/aot_compile_kernels.py --all: docs/kernels_aot.md), by space.
+FWD_CANDIDATES = {
     64: [(32, 32, 2, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3),
          (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
     96: [(32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2),
@@ -37,19 +38,42 @@ FWD_SPACES = {
     128: [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3)],
     256: [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
 }
-BWD_SPACES = {
+BWD_CANDIDATES = {  # dQ and dK/dV alike
     64: [(32, 32, 2, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2)],
     96: [(32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
     128: [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3)],
     256: [(32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 8, 1)],
 }
-SPACES = {"fwd": FWD_SPACES, "dq": BWD_SPACES, "dkdv": BWD_SPACES}
-# The pinned tiles per space: 64-row own tiles (wgmma on Hopper needs 64 rows per warpgroup), 4 warps, and
-# streamed tiles no wider than the short sequences need.
+# Left out of the spaces, with what the sm_90 compile of some head dim of the space showed (bf16, causal or not):
+# a spill, or registers that fit only one CTA per SM. The <= 256 space (head dims over 128) was not swept.
+_ONE_CTA = "1 CTA/SM"
+PRUNED = {
+    ("fwd", 64, (128, 64, 4, 3)): "spills 64 B (D 64, causal)", ("fwd", 64, (128, 64, 8, 2)): _ONE_CTA,
+    ("fwd", 64, (128, 128, 8, 2)): _ONE_CTA, ("dq", 64, (128, 64, 8, 2)): _ONE_CTA,
+    ("dkdv", 64, (32, 32, 2, 3)): "spills 48 B (D 64, causal)", ("dkdv", 64, (64, 64, 4, 2)): "spills 256 B",
+    ("dkdv", 64, (128, 32, 8, 3)): _ONE_CTA, ("dkdv", 64, (128, 64, 8, 2)): _ONE_CTA,
+    ("fwd", 96, (64, 64, 4, 2)): "spills 16 B (causal)", ("fwd", 96, (64, 64, 8, 2)): _ONE_CTA,
+    ("fwd", 96, (128, 32, 8, 2)): "1 CTA/SM (causal)", ("fwd", 96, (128, 64, 8, 2)): _ONE_CTA,
+    ("dq", 96, (32, 32, 4, 2)): "spills 24 B (causal)", ("dq", 96, (64, 64, 4, 2)): "spills 16 B",
+    ("dq", 96, (64, 64, 8, 2)): _ONE_CTA, ("dq", 96, (128, 32, 8, 2)): _ONE_CTA,
+    ("dkdv", 96, (32, 32, 4, 2)): "spills 56 B", ("dkdv", 96, (64, 32, 4, 3)): "spills 16 B (causal)",
+    ("dkdv", 96, (64, 64, 4, 2)): "spills 184 B", ("dkdv", 96, (64, 64, 8, 2)): "spills 16 B, 1 CTA/SM",
+    ("dkdv", 96, (128, 32, 8, 2)): _ONE_CTA,
+    ("fwd", 128, (64, 64, 8, 2)): _ONE_CTA, ("fwd", 128, (128, 32, 8, 3)): _ONE_CTA,
+    ("fwd", 128, (128, 64, 8, 2)): _ONE_CTA, ("fwd", 128, (128, 64, 8, 3)): _ONE_CTA,
+    ("dq", 128, (64, 32, 8, 2)): _ONE_CTA, ("dq", 128, (64, 64, 8, 2)): "spills 96 B (causal), 1 CTA/SM",
+    ("dq", 128, (128, 32, 8, 3)): _ONE_CTA, ("dkdv", 128, (64, 32, 8, 2)): "spills 16 B (causal), 1 CTA/SM",
+    ("dkdv", 128, (64, 64, 8, 2)): "spills 400 B (causal), 1 CTA/SM", ("dkdv", 128, (128, 32, 8, 3)): _ONE_CTA,
+}
+CANDIDATES = {"fwd": FWD_CANDIDATES, "dq": BWD_CANDIDATES, "dkdv": BWD_CANDIDATES}
+SPACES = {kernel: {width: [c for c in choices if (kernel, width, c) not in PRUNED] for width, choices in by.items()}
+          for kernel, by in CANDIDATES.items()}
+# The pinned tiles per space: compiled without spills, at least 2 CTAs per SM on sm_90 and fitting sm_80, for
+# every head dim of the space; 64-row own tiles where they fit (wgmma on Hopper needs 64 rows per warpgroup).
 PINNED = {
-    64: {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (64, 32, 4, 3)},
-    96: {"fwd": (64, 64, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (64, 32, 4, 2)},
-    128: {"fwd": (64, 32, 4, 3), "dq": (64, 32, 8, 2), "dkdv": (64, 32, 8, 2)},
+    64: {"fwd": (64, 32, 4, 3), "dq": (64, 32, 4, 3), "dkdv": (64, 32, 4, 3)},
+    96: {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (64, 32, 4, 2)},
+    128: {"fwd": (64, 32, 4, 3), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2)},
     256: {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (32, 32, 4, 2)},
 }
 # The interpreter's one choice: 64-row tiles keep the number of (slow, Python-level) programs low and 32-row
@@ -63,12 +87,14 @@ def interpreting():
 
 def space_width(width):
     """The space serving head-dim tiles ``width`` columns wide in all."""
-    return min(k for k in FWD_SPACES if k >= width)
+    return min(k for k in FWD_CANDIDATES if k >= width)
 
 
-def configs(spaces, names):
-    """Every choice of any space, as triton.Configs (the autotuner's list; pruning keeps one space's)."""
-    union = sorted({c for space in spaces.values() for c in space})
+def configs(kernel):
+    """Every choice of any of ``kernel``'s spaces, as triton.Configs (the autotuner's list; its early prune keeps
+    the launch's space)."""
+    names = BLOCK_NAMES[kernel]
+    union = sorted({c for space in SPACES[kernel].values() for c in space})
     return [triton.Config({names[0]: a, names[1]: b}, num_warps=w, num_stages=s) for a, b, w, s in union]
 
 

@@ -10,10 +10,10 @@ there: tensor-core instructions (HGMMA: Hopper's wgmma; HMMA: mma.sync), 16-byte
 
 Attention: head dims 24, 32, 64, 80 as 64 + 16 and 80 padded to 128, non-causal and block-causal, bf16; by
 default the pinned tiles of each head dim's space (kernels/attention_tiles.py: what tests and quick runs use),
-with ``--all`` every tile choice of the space (what the autotuner may compile on a GPU). The launch is
-specialized as a typical one is (pointers 16-byte aligned; unit strides the constant 1) for the gather kernel;
-the attention kernels tell the compiler their alignment themselves (ALIGN). Must run with TRITON_INTERPRET
-unset or 0: under the interpreter the kernels are not JIT functions.
+with ``--all`` every candidate of the space (what the autotuner may compile on a GPU, and what was pruned).
+The launch is specialized as a typical one is (pointers 16-byte aligned; unit strides the constant 1) for the
+gather kernel; the attention kernels tell the compiler their alignment themselves (ALIGN). Must run with
+TRITON_INTERPRET unset or 0: under the interpreter the kernels are not JIT functions.
 """
 import argparse
 import concurrent.futures
@@ -58,7 +58,7 @@ def attention_variants(every_tile, dtype="bf16"):
         width = T.space_width(block_d + (block_d2 if split else 0))
         for causal in (False, True):
             for kernel, fn_name in KERNEL_FNS.items():
-                choices = T.SPACES[kernel][width] if every_tile else [T.PINNED[width][kernel]]
+                choices = T.CANDIDATES[kernel][width] if every_tile else [T.PINNED[width][kernel]]
                 for own, streamed, warps, stages in choices:
                     names = T.BLOCK_NAMES[kernel]
                     consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_D2=block_d2, SPLIT=split, HAS_KL=True,
@@ -179,8 +179,11 @@ def describe(r):
 
 
 def _table_key(label):
-    kernel, dtype, head, *rest = label.split()[1:]
-    return (kernel, head, rest[-1]), ("causal" in rest)
+    """((kernel, head-dim tiling, tiles), causal) of an attention label 'attn KERNEL DTYPE D=... [causal] tiles=...'."""
+    words = label.split()
+    causal = "causal" in words
+    head = " ".join(w for w in words[3:-1] if w != "causal")
+    return (words[1], head, words[-1]), causal
 
 
 TABLE_HEADER = [
@@ -188,8 +191,21 @@ TABLE_HEADER = [
     "Made by `python tests/aot_compile_kernels.py 80 90 --all --jobs 2 --table docs/kernels_aot.md` (Triton's own "
     "ptxas, no GPU; bf16, key lengths on, 16-row tails on). Each cell: registers per thread / local memory bytes per "
     "thread (spills) / shared memory KB / CTAs per SM (the least of what registers, shared memory and warps allow; "
-    "0: over the CTA's shared-memory limit). The rules the spaces in kernels/attention_tiles.py follow, and what was "
-    "pruned: docs/gpu_check.md.", ""]
+    "0: over the CTA's shared-memory limit). A space (kernels/attention_tiles.py) keeps the candidates that spill on "
+    "no head dim of the space and fit at least 2 CTAs per SM on sm_90; the last column says which it kept, and why "
+    "it left out the others.", ""]
+
+
+def _verdict(kernel, head_label, tiles_label):
+    """'yes', 'yes (pinned)' or 'pruned: why', from kernels/attention_tiles.py, for a table row."""
+    head_dim = int(head_label.removeprefix("D=").split()[0])
+    block_d, block_d2, split = T.head_dim_tiles(head_dim, "padded" not in head_label)
+    width = T.space_width(block_d + (block_d2 if split else 0))
+    tiles = tuple(int(x) for x in tiles_label.removeprefix("tiles=").split("x"))
+    why = T.PRUNED.get((kernel, width, tiles))
+    if why:
+        return f"pruned: {why}"
+    return "yes (pinned)" if T.PINNED[width][kernel] == tiles else "yes"
 
 
 def write_table(path, results):
@@ -207,12 +223,12 @@ def write_table(path, results):
     archs = sorted({r["arch"] for r in results})
     cols = [(a, c) for a in archs for c in (False, True)]
     head = "| kernel | head dim | tiles (rows x streamed x warps x stages) | " + " | ".join(
-        f"sm_{a}{' causal' if c else ''}" for a, c in cols) + " |"
-    lines = TABLE_HEADER + [head, "|" + "---|" * (3 + len(cols))]
+        f"sm_{a}{' causal' if c else ''}" for a, c in cols) + " | in the space |"
+    lines = TABLE_HEADER + [head, "|" + "---|" * (4 + len(cols))]
     for key in order:
         kernel, dim, tiles = key
         lines.append(f"| {kernel} | {dim.removeprefix('D=')} | {tiles.removeprefix('tiles=')} | "
-                     + " | ".join(cells[key].get(c, "") for c in cols) + " |")
+                     + " | ".join(cells[key].get(c, "") for c in cols) + f" | {_verdict(kernel, dim, tiles)} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -130,23 +130,26 @@ def test_split_and_padded_head_dim_tiles_both_match_float64(B, H, Nq, Nk, D, dty
 def test_autotune_pruning_picks_the_space_of_the_tiles_width():
     from iwm_fast.kernels import attention_tiles as T
 
-    configs = T.configs(T.FWD_SPACES, T.BLOCK_NAMES["fwd"])
+    def kept(kernel, n_q, n_k, block_d, block_d2, split):
+        out = T.prune(kernel)(T.configs(kernel), {"N_Q_KEY": n_q, "N_K_KEY": n_k}, BLOCK_D=block_d,
+                              BLOCK_D2=block_d2, SPLIT=split)
+        own, streamed = T.BLOCK_NAMES[kernel]
+        return {(c.kwargs[own], c.kwargs[streamed], c.num_warps, c.num_stages) for c in out}
 
-    def kept(n, block_d, block_d2, split):
-        out = T.prune("fwd")(configs, {"N_Q_KEY": n, "N_K_KEY": n}, BLOCK_D=block_d, BLOCK_D2=block_d2, SPLIT=split)
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in out}
-
-    assert kept(1024, 64, 16, False) == set(T.FWD_SPACES[64])
-    assert kept(1024, 64, 16, True) == set(T.FWD_SPACES[96])  # D = 80 as 64 + 16
-    assert kept(1024, 64, 32, True) == set(T.FWD_SPACES[96])  # D = 96 as 64 + 32
-    assert kept(1024, 128, 16, False) == set(T.FWD_SPACES[128])  # D = 80 padded
-    assert kept(1024, 128, 64, True) == set(T.FWD_SPACES[256])
-    # A 16-token sequence keeps only tiles of at most 32 rows.
-    assert kept(16, 64, 16, False) == {c for c in T.FWD_SPACES[64] if c[0] <= 32 and c[1] <= 32}
-    # dK/dV's own tile is the key tile: its rows are bounded by Nk, its streamed rows by Nq.
-    bwd = T.configs(T.BWD_SPACES, T.BLOCK_NAMES["dkdv"])
-    out = T.prune("dkdv")(bwd, {"N_Q_KEY": 1024, "N_K_KEY": 16}, BLOCK_D=32, BLOCK_D2=16, SPLIT=False)
-    assert {c.kwargs["BLOCK_N"] for c in out} == {32}
+    fwd = T.SPACES["fwd"]
+    assert kept("fwd", 1024, 1024, 64, 16, False) == set(fwd[64])
+    assert kept("fwd", 1024, 1024, 64, 16, True) == set(fwd[96])  # D = 80 as 64 + 16
+    assert kept("fwd", 1024, 1024, 64, 32, True) == set(fwd[96])  # D = 96 as 64 + 32
+    assert kept("fwd", 1024, 1024, 128, 16, False) == set(fwd[128])  # D = 80 padded
+    assert kept("fwd", 1024, 1024, 128, 64, True) == set(fwd[256])
+    # A 16-token sequence keeps only tiles of at most 32 rows; where none is, the whole space.
+    assert kept("fwd", 16, 16, 64, 16, False) == {c for c in fwd[64] if c[0] <= 32 and c[1] <= 32}
+    assert kept("dq", 16, 1024, 32, 16, False) == {c for c in T.SPACES["dq"][64] if c[0] <= 32}
+    assert kept("dkdv", 1024, 16, 32, 16, False) == set(T.SPACES["dkdv"][64])
+    # The pruned choices are out of every space, and each space keeps some.
+    for (kernel, width, tiles), why in T.PRUNED.items():
+        assert tiles in T.CANDIDATES[kernel][width] and tiles not in T.SPACES[kernel][width] and why
+    assert all(T.SPACES[k][w] for k in T.KERNELS for w in T.SPACES[k])
 
 
 def test_tile_switch_pins_parses_and_refuses_bad_values(monkeypatch):
@@ -167,11 +170,8 @@ def test_tile_switch_pins_parses_and_refuses_bad_values(monkeypatch):
         monkeypatch.setenv(T.TILES_ENV, bad)
         with pytest.raises(ValueError, match=T.TILES_ENV):
             T.tile_choice("fwd", 64)
-    for space in (T.FWD_SPACES, T.BWD_SPACES):
-        assert set(space) == set(T.PINNED)
     for width, pins in T.PINNED.items():  # a pinned choice is one the autotuner could pick too
-        assert pins["fwd"] in T.FWD_SPACES[width] and pins["dq"] in T.BWD_SPACES[width]
-        assert pins["dkdv"] in T.BWD_SPACES[width]
+        assert all(pins[kernel] in T.SPACES[kernel][width] for kernel in T.KERNELS), width
 
 
 def _far_negative_logits(B, H, N, D, seed):

@@ -44,9 +44,11 @@ def test_kernels_compile_and_use_the_fast_paths(arch, tmp_path):
         n = {op: int(c) for op, c in v["sass"].items()}
         if v["label"].startswith("attn"):
             own_rows = int(re.search(r"tiles=(\d+)x", v["label"])[1])
-            # Pinned tiles neither spill nor leave an SM one CTA: they are what tests and quick runs launch.
-            assert int(v["local"]) == 0, v
-            assert int(v["ctas"]) >= (2 if arch == 90 else 1), v
+            # The pinned tiles, what tests and quick runs launch, follow the spaces' rule on Hopper (no spills, at
+            # least 2 CTAs per SM) and fit an A100's shared memory.
+            if arch == 90:
+                assert int(v["local"]) == 0 and int(v["ctas"]) >= 2, v
+            assert int(v["ctas"]) >= 1, v
             # The dots on the tensor cores' fast path: wgmma (HGMMA) on Hopper for 64-row tiles, mma.sync (HMMA)
             # on Ampere. A kernel that falls back to FMA loops still compiles; this is what catches it.
             if arch == 80 or own_rows >= 64:

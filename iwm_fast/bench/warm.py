@@ -13,7 +13,7 @@ import os
 import time
 from unittest import mock
 
-from ..kernels.attention_tiles import BWD_SPACES, FWD_SPACES, TILES_ENV, head_dim_tiles, space_width
+from ..kernels.attention_tiles import KERNELS, SPACES, TILES_ENV, head_dim_tiles, space_width
 
 # The end-to-end step's sequences (ViT-H/14 context and predictor, 16 heads): one length whose row strides are
 # multiples of 16 and one whose are not, the two specializations a varying length takes.
@@ -24,11 +24,10 @@ def _each_tile_choice(D):
     """Environments pinning, in turn, every tile choice of head dim D's spaces (what the autotuner compiles)."""
     block_d, block_d2, split = head_dim_tiles(D)
     width = space_width(block_d + (block_d2 if split else 0))
-    fwd, bwd = FWD_SPACES[width], BWD_SPACES[width]
-    spell = lambda c: "x".join(map(str, c))  # noqa: E731
-    for i in range(max(len(fwd), len(bwd))):
-        f, b = fwd[min(i, len(fwd) - 1)], bwd[min(i, len(bwd) - 1)]
-        yield {TILES_ENV: f"fwd={spell(f)},dq={spell(b)},dkdv={spell(b)}"}
+    spaces = [SPACES[kernel][width] for kernel in KERNELS]
+    for i in range(max(map(len, spaces))):
+        picks = [space[min(i, len(space) - 1)] for space in spaces]
+        yield {TILES_ENV: ",".join(f"{k}={'x'.join(map(str, c))}" for k, c in zip(KERNELS, picks))}
 
 
 def tasks(goal_dims, ab, autotuned, device_is_cuda):
