@@ -24,6 +24,8 @@ import sys
 
 import torch
 
+from .run_dir import RunDir
+
 WHATS = ("target_encoder", "world_model")
 FORMATS = ("hf", "safetensors", "pt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,14 +120,14 @@ def _write_ours(cfg, model, step, tmp, what, fmt, dtype):
         torch.save({"format": _FORMAT, "config": config, "step": step, "state_dict": state},
                    os.path.join(tmp, "world_model.pt"))
     elif fmt == "pt":
-        torch.save(state, os.path.join(tmp, "target_encoder.pt"))
+        torch.save(state, RunDir(tmp).export_path)  # the name and format of a run's own export
     else:
         import yaml
         from safetensors.torch import save_file
 
         meta = {"format": "iwm-fast", "what": what, "step": str(step), "config": json.dumps(config)}
         save_file(state, os.path.join(tmp, f"{what}.safetensors"), metadata=meta)
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+        with open(RunDir(tmp).config_path, "w") as f:  # named as in a run directory
             yaml.safe_dump(config, f, sort_keys=False)
 
 
@@ -151,23 +153,10 @@ def export_model(cfg, model, step, out, what="target_encoder", fmt="hf", dtype="
 
 def load_run(run_dir, device="cpu"):
     """(cfg, model, step) of a run directory: its config and the newest checkpoint that verifies."""
-    import warnings
-
-    from .models import build_iwm
-    from .train import checkpoint as ckpt
-    from .train.resume import load_run_config
-
     if not os.path.isdir(run_dir):
         raise ExportError(f"{run_dir} is not a folder (expected a run directory)")
-    cfg = load_run_config(run_dir)
-    path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    if path is None:
-        raise ExportError(f"{run_dir} holds no complete checkpoint that verifies")
-    model = build_iwm(cfg)
-    with warnings.catch_warnings():  # DCP's note that it loads in one process: that is the intent here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        meta = ckpt.load_checkpoint(path, model)
-    return cfg, model.to(device).eval(), meta["step"]
+    loaded = RunDir(run_dir).load_model(device)
+    return loaded.cfg, loaded.model.eval(), loaded.step
 
 
 def main(argv=None):

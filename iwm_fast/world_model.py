@@ -11,6 +11,7 @@ Two latent spaces are involved, as in training: ``encode`` runs the context enco
 reads; predictions live in the target encoder's layer-normed space, where ``target_latents`` puts candidate
 images. ``wm.save(path)`` writes config and weights to one file that ``WorldModel.load(path)`` reads back.
 """
+import math
 import os
 from typing import NamedTuple
 
@@ -23,6 +24,7 @@ from .transforms import ACTION_DIM, ACTION_LAYOUT, JitterParams, TransformParams
 _FORMAT = "iwm-fast-world-model/1"
 _JITTER_KEYS = ("brightness", "contrast", "saturation", "hue")
 _VIEW_KEYS = _JITTER_KEYS + ("applied",)
+_PIXEL_SLACK = 1e-6  # float rounding of [0, 1] pixels; more is a range mistake
 
 
 def _jitter(batch, spec, name):
@@ -70,6 +72,62 @@ def identity_action(batch_size=1) -> torch.Tensor:
     return action_vector(transform_params(batch_size))
 
 
+def _reason(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_save_target(path):
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder; give WorldModel.save a file path, e.g. "
+                                f"{os.path.join(path, 'world_model.pt')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "does not exist" if not os.path.exists(folder) else "is not a folder"
+        raise FileNotFoundError(f"cannot save the world model to {path}: {folder} {what}")
+
+
+def _read_world_model(path):
+    """The dict ``WorldModel.save`` wrote at ``path``; ValueError for anything else, naming what it is."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a world-model file (a run directory loads with "
+                                "WorldModel.from_run)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no world-model file at {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load fails in many ways on foreign bytes (KeyError, UnpicklingError, ...)
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # how every file torch.save writes begins
+        if zipped:
+            raise ValueError(f"{path} is truncated or damaged: a torch file that does not load ({_reason(e)})") \
+                from None
+        raise ValueError(f"{path} is not a world model saved by WorldModel.save: not a torch file") from None
+    if not isinstance(blob, dict) or blob.get("format") != _FORMAT or not {"config", "state_dict"} <= set(blob):
+        raise ValueError(f"{path} is not a world model saved by WorldModel.save "
+                         "(a run directory loads with WorldModel.from_run)")
+    return blob
+
+
+def _check_pixel_range(images):
+    """Float images must be [0, 1] pixels: 0-255 values (uint8 cast without /255) or mean/std-normalised
+    images give wrong latents without any other sign."""
+    if images.numel() == 0:
+        return
+    lo, hi = float(images.min()), float(images.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("images hold NaN or Inf")
+    if lo >= -_PIXEL_SLACK and hi <= 1 + _PIXEL_SLACK:
+        return
+    if lo < -0.05:  # pixel values are never negative: a mean and std were applied
+        hint = "normalised with a mean and std? pass the [0, 1] pixels: the world model normalises them itself"
+    elif hi > 2.0:
+        hint = "0-255 pixel values? divide by 255 (or pass the uint8 tensor itself)"
+    else:
+        hint = "clamp them to [0, 1] (a resize can overshoot a little)"
+    raise ValueError(f"float images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; {hint}")
+
+
 class Ranking(NamedTuple):
     order: torch.Tensor   # [B, K] candidate indices, most similar first
     scores: torch.Tensor  # [B, K] cosine similarity of each candidate (in the candidates' own order)
@@ -98,31 +156,40 @@ class WorldModel:
         return cls(loaded.model, loaded.cfg, step=loaded.step, device=device)
 
     def save(self, path):
-        """One file with the config and the whole model (encoders and predictor); ``WorldModel.load`` reads it."""
+        """One file with the config and the whole model (encoders and predictor); ``WorldModel.load`` reads it.
+
+        Written to ``path.tmp`` and renamed, so a failed save leaves neither a partial file nor the ``.tmp``;
+        a folder as ``path``, a missing folder and a failed write are one clear error each."""
         from .config import to_dict
 
+        path = os.fspath(path)
+        _check_save_target(path)
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         tmp = f"{path}.tmp"
-        torch.save({"format": _FORMAT, "config": to_dict(self.cfg), "step": self.step, "state_dict": state}, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save({"format": _FORMAT, "config": to_dict(self.cfg), "step": self.step, "state_dict": state}, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+            if os.path.lexists(tmp) and not os.path.isdir(tmp):
+                os.remove(tmp)
+            raise OSError(f"could not write the world model to {path} ({_reason(e)})") from None
         return path
 
     @classmethod
     def load(cls, path, *, device="cpu"):
+        """A world model written by ``save``; a missing, foreign, truncated or damaged file is one clear error."""
         from .config import ConfigError, from_dict
 
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no world-model file at {path}")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a world model saved by WorldModel.save "
-                             "(a run directory loads with WorldModel.from_run)")
+        blob = _read_world_model(os.fspath(path))
         try:
             cfg = from_dict(blob["config"])
         except ConfigError as e:
             raise ValueError(f"{path}: its config does not fit this version of iwm-fast: {e}") from None
         model = build_iwm(cfg)
-        model.load_state_dict(blob["state_dict"], strict=True)
+        try:
+            model.load_state_dict(blob["state_dict"], strict=True)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} is damaged: its weights do not fit its own config ({_reason(e)})") from None
         return cls(model, cfg, step=blob.get("step"), device=device)
 
     # ------------------------------------------------------------------ actions
@@ -153,6 +220,8 @@ class WorldModel:
             images = images.float() / 255.0
         elif not images.is_floating_point():
             raise TypeError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
+        else:
+            _check_pixel_range(images)
         return images.to(self.device, torch.float32)
 
     def _latents(self, z, name):
@@ -232,7 +301,20 @@ class WorldModel:
         return Ranking(order=scores.argsort(dim=1, descending=True, stable=True), scores=scores)
 
     def rank_of(self, z_hat, candidates, true_index) -> torch.Tensor:
-        """1-based rank of candidate ``true_index`` ([B] or an int) for each prediction."""
+        """1-based rank of candidate ``true_index`` ([B] or an int, in [0, K)) for each prediction.
+
+        An index outside the bank is an error: it matches no candidate, and would otherwise read as rank 1."""
         r = self.rank(z_hat, candidates)
-        true = torch.as_tensor(true_index, device=self.device).long().expand(r.order.shape[0])
+        batch, bank = r.order.shape
+        true = torch.as_tensor(true_index)
+        if true.is_floating_point() or true.is_complex() or true.dtype == torch.bool:
+            raise TypeError(f"true_index must be an int or an integer tensor, got {true.dtype}")
+        if true.dim() > 1 or (true.dim() == 1 and true.numel() not in (1, batch)):
+            raise ValueError(f"true_index must be one int or {batch} (one per prediction), got shape "
+                             f"{tuple(true.shape)}")
+        bad = (true < 0) | (true >= bank)
+        if bool(bad.any()):
+            raise ValueError(f"true_index must be in [0, {bank}) (a candidate of the bank of {bank}), got "
+                             f"{int(true.reshape(-1)[bad.reshape(-1)][0])}")
+        true = true.to(self.device).long().reshape(-1).expand(batch)
         return (r.order == true[:, None]).float().argmax(dim=1) + 1

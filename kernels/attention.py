@@ -10,7 +10,7 @@ the scale folded into log2(e).
 Shapes handled without caller padding: any Nq and Nk (tails masked), head dims up to 256, optional per-sample
 key lengths (keys at index >= key_lengths[b] are ignored; a row with no keys gives zeros and zero gradients).
 
-Block-causal mode (CAUSAL, a constexpr, so the non-causal kernels compile exactly as before): each row's
+Block-causal mode (CAUSAL, a constexpr, so the non-causal kernels carry none of its code): each row's
 visible keys are a prefix, so the loops stop at the last visible key tile (fully masked tiles are never
 loaded), run unmasked over the tiles every row of the program sees, and mask only the tiles in between; the
 dK/dV kernel likewise starts at the first query tile that sees its keys. FRAME = 1 is ordinary causal attention.
@@ -19,28 +19,34 @@ Head dims: Triton tiles are powers of two, so a head dim D is covered either by 
 power of two, or split in two tiles (the largest power of two <= D, plus the remainder rounded up to a power of
 two of at least 16) whose dots are summed. The split does the same arithmetic on fewer padded columns: D = 80
 (ViT-H/14) is 64 + 16 instead of 128, i.e. 37.5% fewer MMA FLOPs and accumulator registers; 40 and 48 are
-32 + 16 instead of 64, 96 is 64 + 32 instead of 128. head_dim_tiles() picks the split wherever it is narrower
-(24 -> 16 + 16 is not: 32 either way); IWM_FAST_ATTN_SPLIT_HEAD_DIM=0 forces the padded tile.
+32 + 16 instead of 64, 96 is 64 + 32 instead of 128 (kernels/attention_tiles.py: head_dim_tiles).
 
-Autotuning: small tiles (32/64 rows) are in the config space because at N <= 256 a 128-row tile leaves
-most of its rows masked (196 tokens = 1.53 tiles of 128), and head dims 24..80 make each tile's dots cheap,
-so more, smaller programs keep an H100's SMs busy. The key is (power-of-two bucket of Nq, of Nk, head dim)
-plus the dtypes (Triton adds those), so the predictor's varying sequence lengths do not retune every step.
-Tuning results are cached on disk (Triton's cache_results), so a new process does not re-benchmark.
-Under TRITON_INTERPRET there is one config per kernel: the interpreter would otherwise run every config.
+Short tail (TAIL16, on by default): the streamed dimension's last, partial tile (keys for the forward and dQ,
+queries for dK/dV) is walked in 16-row tiles instead of one full one. At N = 196/197 with 64 x 64 tiles the
+full tail makes 41% of the score matrix's MMA and exp work padding (256 x 256 computed for 197 x 197); 16-row
+tail tiles bring that to 28% (256 x 208). Block-causal forward and dQ keep full tiles (their masked span can
+cross a frame).
+
+Tiles: small ones (32/64 rows) are in the spaces because at N <= 256 a 128-row tile leaves most of its rows
+masked (196 tokens = 1.53 tiles of 128), and head dims 24..80 make each tile's dots cheap, so more, smaller
+programs keep an H100's SMs busy. The autotune key is (power-of-two bucket of Nq, of Nk, head dim, tiling,
+causal, tail) plus the dtypes (Triton adds those), so the predictor's varying sequence lengths do not retune
+every step; results are cached on disk (Triton's cache_results). The spaces, the pinned tiles that skip the
+autotuner (tests, quick runs, the interpreter) and the switches: kernels/attention_tiles.py.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-MAX_HEAD_DIM = 256
-MIN_HEAD_DIM = 1
+from .attention_tiles import BLOCK_NAMES, configs, head_dim_tiles, interpreting, prune, tail16_enabled, tile_choice
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(x) = log2(x) * LN2
+TAIL_ROWS = tl.constexpr(16)  # rows of the short tail tile (the smallest a tensor-core dot takes)
 
 
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 def _fix_interpreter_scalar_index():
@@ -73,65 +79,8 @@ def _bucket(n):
     return triton.next_power_of_2(max(int(n), 16))
 
 
-def _cfg(block_a, block_b, warps, stages, names):
-    return triton.Config({names[0]: block_a, names[1]: block_b}, num_warps=warps, num_stages=stages)
-
-
-# Config spaces by the head-dim tiles' total width (<= 64, <= 128, <= 256), as (rows of the program's own tile,
-# rows of the tile it streams over, num_warps, num_stages). Chosen from ptxas register/spill reports for sm_90:
-# at BLOCK_D = 128 and 256 the 2/4-warp tiles spill, so those spaces use more warps per tile or smaller tiles.
-_FWD_SPACES = {
-    64: [(32, 32, 2, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3),
-         (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
-    128: [(64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3)],
-    256: [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
-}
-# dK/dV kernel: (key rows, query rows per step, ...); dQ kernel: (query rows, key rows per step, ...).
-_BWD_SPACES = {
-    64: [(32, 32, 2, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2)],
-    128: [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3)],
-    256: [(32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 8, 1)],
-}
-# One config for the interpreter: 64-row tiles keep the number of (slow, Python-level) programs low and
-# 32-row streamed tiles make 196/197/257-token tests cross several full blocks plus a masked tail.
-_INTERP = (64, 32, 4, 1)
-
-
-def _space_for(spaces, block_d):
-    return spaces[min(k for k in spaces if k >= block_d)]
-
-
-def _configs(spaces, names):
-    if _interpreting():
-        return [_cfg(*_INTERP, names)]
-    union = sorted({c for space in spaces.values() for c in space})
-    return [_cfg(*c, names) for c in union]
-
-
-def _prune(spaces, own_rows_key, streamed_rows_key, own_name, streamed_name):
-    """Keep the configs of this head dim's space whose tiles are not far larger than the sequence."""
-
-    def prune(configs, named_args, **kwargs):
-        if len(configs) == 1:
-            return configs
-        n_own = named_args[own_rows_key]
-        n_streamed = named_args[streamed_rows_key]
-        width = kwargs["BLOCK_D"] + (kwargs["BLOCK_D2"] if kwargs["SPLIT"] else 0)
-        allowed = set(_space_for(spaces, width))
-        kept = [c for c in configs
-                if (c.kwargs[own_name], c.kwargs[streamed_name], c.num_warps, c.num_stages) in allowed]
-        small = [c for c in kept
-                 if c.kwargs[own_name] <= max(32, n_own) and c.kwargs[streamed_name] <= max(32, n_streamed)]
-        return small or kept
-
-    return prune
-
-
 # BLOCK_D tells the padded and split tilings of one head dim apart, so each gets its own tuned tiles.
-_TUNE_KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "BLOCK_D", "CAUSAL"]
-_PRUNE_FWD = _prune(_FWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")
-_PRUNE_DKDV = _prune(_BWD_SPACES, "N_K_KEY", "N_Q_KEY", "BLOCK_N", "BLOCK_M")
-_PRUNE_DQ = _prune(_BWD_SPACES, "N_Q_KEY", "N_K_KEY", "BLOCK_M", "BLOCK_N")
+_TUNE_KEY = ["N_Q_KEY", "N_K_KEY", "HEAD_DIM", "BLOCK_D", "CAUSAL", "TAIL16"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,11 +209,11 @@ def _causal_key_limits(pid_m, offs_m, kv_len, N_Q, FRAME, BLOCK_M: tl.constexpr,
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n, kv_len, lim, qk_scale,
-               m_i, l_i, acc_a, acc_b, offs_n,
+               m_i, l_i, acc_a, acc_b,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
                BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
                CAUSAL: tl.constexpr):
-    cols = start_n + offs_n
+    cols = start_n + tl.arange(0, BLOCK_N)
     k_a, k_b = _load_tile(k_base, cols, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
                           MASK_N, ALIGN)
     v_a, v_b = _load_tile(v_base, cols, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
@@ -288,8 +237,8 @@ def _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride
     return m_new, l_i, acc_a, acc_b
 
 
-@triton.autotune(configs=_configs(_FWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=_TUNE_KEY, cache_results=True,
-                 prune_configs_by={"early_config_prune": _PRUNE_FWD})
+@triton.autotune(configs=configs("fwd"), key=_TUNE_KEY, cache_results=True,
+                 prune_configs_by={"early_config_prune": prune("fwd")})
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
                      stride_qb, stride_qh, stride_qn, stride_qd,
@@ -299,7 +248,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
                      H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY, FRAME,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
                      HAS_KL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr, CAUSAL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     TAIL16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh, b64, h64 = _tile_of_head(N_Q, BLOCK_M, H)
     q_base = _head(Q, b64, h64, stride_qb, stride_qh, ALIGN)
     k_base = _head(K, b64, h64, stride_kb, stride_kh, ALIGN)
@@ -308,10 +257,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
     kv_len = _key_length(KL, b64, N_K, HAS_KL)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     q_a, q_b = _load_tile(q_base, offs_m, stride_qn, stride_qd, N_Q, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
                           True, ALIGN)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -323,14 +271,21 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
     n_full = (lo // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc_a, acc_b = _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                            start_n, kv_len, lim, qk_scale, m_i, l_i, acc_a, acc_b, offs_n,
+                                            start_n, kv_len, lim, qk_scale, m_i, l_i, acc_a, acc_b,
                                             HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, False, PRECISION, ALIGN,
                                             CAUSAL)
-    for start_n in range(n_full, hi, BLOCK_N):  # non-causal: at most one masked tail block
-        m_i, l_i, acc_a, acc_b = _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                            start_n, kv_len, lim, qk_scale, m_i, l_i, acc_a, acc_b, offs_n,
-                                            HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, True, PRECISION, ALIGN,
-                                            CAUSAL)
+    if TAIL16 and not CAUSAL:  # the < BLOCK_N keys past the last full tile, in 16-row steps
+        for start_n in range(n_full, hi, TAIL_ROWS):
+            m_i, l_i, acc_a, acc_b = _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                                                stride_vd, start_n, kv_len, lim, qk_scale, m_i, l_i, acc_a, acc_b,
+                                                HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, TAIL_ROWS, True, PRECISION,
+                                                ALIGN, CAUSAL)
+    else:  # non-causal: at most one masked tail block
+        for start_n in range(n_full, hi, BLOCK_N):
+            m_i, l_i, acc_a, acc_b = _fwd_block(q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                                                stride_vd, start_n, kv_len, lim, qk_scale, m_i, l_i, acc_a, acc_b,
+                                                HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, True, PRECISION, ALIGN,
+                                                CAUSAL)
 
     # A row with no keys (kv_len == 0) has l_i == 0: output zeros and LSE = +inf, which makes the
     # backward's probabilities exp(s - inf) = 0, hence zero gradients instead of NaN.
@@ -338,7 +293,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
     l_safe = tl.where(empty, 1.0, l_i)
     _store_tile(o_base, acc_a / l_safe[:, None], acc_b / l_safe[:, None], offs_m, stride_on, stride_od, N_Q,
                 HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN)
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 
@@ -347,11 +302,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KL,
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_base, delta_base,
-                stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid, first_query, offs_m,
+                stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q, qk_scale, key_valid, first_query,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
                 BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
                 CAUSAL_M: tl.constexpr):
-    rows = start_m + offs_m
+    rows = start_m + tl.arange(0, BLOCK_M)
     q_a, q_b = _load_tile(q_base, rows, stride_qn, stride_qd, N_Q, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
                           MASK_M, ALIGN)
     do_a, do_b = _load_tile(do_base, rows, stride_don, stride_dod, N_Q, BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
@@ -364,7 +319,7 @@ def _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse
         lse = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
     s_t = _dot_nt(k_a, k_b, q_a, q_b, SPLIT, PRECISION)
-    p_t = tl.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+    p_t = tl.exp2(s_t * qk_scale - (lse * LOG2E)[None, :])
     if CAUSAL_M:  # first_query: the first query row that sees each key
         p_t = tl.where(key_valid[:, None] & (rows[None, :] >= first_query[:, None]), p_t, 0.0)
     else:
@@ -376,8 +331,8 @@ def _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse
     return dk_a, dk_b, dv_a, dv_b
 
 
-@triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_N", "BLOCK_M")), key=_TUNE_KEY, cache_results=True,
-                 prune_configs_by={"early_config_prune": _PRUNE_DKDV})
+@triton.autotune(configs=configs("dkdv"), key=_TUNE_KEY, cache_results=True,
+                 prune_configs_by={"early_config_prune": prune("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
                           stride_qb, stride_qh, stride_qn, stride_qd,
@@ -389,11 +344,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
                           H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY, FRAME,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
                           SPLIT: tl.constexpr, HAS_KL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
-                          CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                          CAUSAL: tl.constexpr, TAIL16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_n, bh, b64, h64 = _tile_of_head(N_K, BLOCK_N, H)
     kv_len = _key_length(KL, b64, N_K, HAS_KL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     k_a, k_b = _load_tile(_head(K, b64, h64, stride_kb, stride_kh, ALIGN), offs_n, stride_kn, stride_kd, N_K,
                           BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, True, ALIGN)
     v_a, v_b = _load_tile(_head(V, b64, h64, stride_vb, stride_vh, ALIGN), offs_n, stride_vn, stride_vd, N_K,
@@ -403,7 +357,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
     do_base = _head(DO, b64, h64, stride_dob, stride_doh, ALIGN)
     lse_base = LSE + bh.to(tl.int64) * N_Q
     delta_base = DELTA + bh.to(tl.int64) * N_Q
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     dk_a = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk_b = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
@@ -422,7 +376,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
         for start_m in range(m_begin, tl.minimum(m_open, q_stop), BLOCK_M):
             dk_a, dk_b, dv_a, dv_b = _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base,
                                                  lse_base, delta_base, stride_qn, stride_qd, stride_don, stride_dod,
-                                                 start_m, N_Q, qk_scale, key_valid, first_query, offs_m, HEAD_DIM,
+                                                 start_m, N_Q, qk_scale, key_valid, first_query, HEAD_DIM,
                                                  BLOCK_D, BLOCK_D2, SPLIT, BLOCK_M, True, PRECISION, ALIGN, True)
         m_rest = tl.maximum(m_open, m_begin)
     else:
@@ -431,13 +385,21 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
     for start_m in range(m_rest, m_full, BLOCK_M):
         dk_a, dk_b, dv_a, dv_b = _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_base,
                                              delta_base, stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q,
-                                             qk_scale, key_valid, first_query, offs_m, HEAD_DIM, BLOCK_D, BLOCK_D2,
+                                             qk_scale, key_valid, first_query, HEAD_DIM, BLOCK_D, BLOCK_D2,
                                              SPLIT, BLOCK_M, False, PRECISION, ALIGN, False)
-    for start_m in range(tl.maximum(m_full, m_rest), q_stop, BLOCK_M):
-        dk_a, dk_b, dv_a, dv_b = _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base, lse_base,
-                                             delta_base, stride_qn, stride_qd, stride_don, stride_dod, start_m, N_Q,
-                                             qk_scale, key_valid, first_query, offs_m, HEAD_DIM, BLOCK_D, BLOCK_D2,
-                                             SPLIT, BLOCK_M, True, PRECISION, ALIGN, False)
+    # The query tail (fewer than BLOCK_M rows, past the causal region): in 16-row steps, or one masked tile.
+    if TAIL16:
+        for start_m in range(tl.maximum(m_full, m_rest), q_stop, TAIL_ROWS):
+            dk_a, dk_b, dv_a, dv_b = _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base,
+                                                 lse_base, delta_base, stride_qn, stride_qd, stride_don, stride_dod,
+                                                 start_m, N_Q, qk_scale, key_valid, first_query, HEAD_DIM, BLOCK_D,
+                                                 BLOCK_D2, SPLIT, TAIL_ROWS, True, PRECISION, ALIGN, False)
+    else:
+        for start_m in range(tl.maximum(m_full, m_rest), q_stop, BLOCK_M):
+            dk_a, dk_b, dv_a, dv_b = _dkdv_block(k_a, k_b, v_a, v_b, dk_a, dk_b, dv_a, dv_b, q_base, do_base,
+                                                 lse_base, delta_base, stride_qn, stride_qd, stride_don, stride_dod,
+                                                 start_m, N_Q, qk_scale, key_valid, first_query, HEAD_DIM, BLOCK_D,
+                                                 BLOCK_D2, SPLIT, BLOCK_M, True, PRECISION, ALIGN, False)
     _store_tile(_head(DK, b64, h64, stride_dkb, stride_dkh, ALIGN), dk_a * sm_scale, dk_b * sm_scale, offs_n,
                 stride_dkn, stride_dkd, N_K, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN)
     _store_tile(_head(DV, b64, h64, stride_dvb, stride_dvh, ALIGN), dv_a, dv_b, offs_n,
@@ -446,27 +408,32 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KL,
 
 @triton.jit
 def _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, stride_kn, stride_kd, stride_vn,
-              stride_vd, start_n, kv_len, lim, qk_scale, offs_n,
+              stride_vd, start_n, kv_len, lim, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
               BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
               CAUSAL: tl.constexpr):
-    cols = start_n + offs_n
+    cols = start_n + tl.arange(0, BLOCK_N)
     k_a, k_b = _load_tile(k_base, cols, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
                           MASK_N, ALIGN)
     v_a, v_b = _load_tile(v_base, cols, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT,
                           MASK_N, ALIGN)
     s = _dot_nt(q_a, q_b, k_a, k_b, SPLIT, PRECISION)
-    # Keys past kv_len were loaded as zero rows, so their (nonzero) p contributes ds * 0 to dq: no mask needed.
     p = tl.exp2(s * qk_scale - lse2[:, None])
-    if CAUSAL and MASK_N:  # keys a row does not see are real (nonzero) rows here
-        p = tl.where(cols[None, :] < lim[:, None], p, 0.0)
+    if MASK_N:
+        # Keys past kv_len were loaded as zero rows: their score 0 gives p = exp2(-lse2), which overflows when
+        # every real logit is far below 0 (about -89 in fp32), and then ds = inf * 0 = NaN. So they are masked;
+        # block-causal, so are the real keys a row does not see.
+        if CAUSAL:
+            p = tl.where(cols[None, :] < lim[:, None], p, 0.0)
+        else:
+            p = tl.where(cols[None, :] < kv_len, p, 0.0)
     dp = _dot_nt(do_a, do_b, v_a, v_b, SPLIT, PRECISION)
     ds = p * (dp - delta[:, None])
     return _dot_acc(ds, k_a, k_b, dq_a, dq_b, SPLIT, PRECISION)
 
 
-@triton.autotune(configs=_configs(_BWD_SPACES, ("BLOCK_M", "BLOCK_N")), key=_TUNE_KEY, cache_results=True,
-                 prune_configs_by={"early_config_prune": _PRUNE_DQ})
+@triton.autotune(configs=configs("dq"), key=_TUNE_KEY, cache_results=True,
+                 prune_configs_by={"early_config_prune": prune("dq")})
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
                         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -478,17 +445,16 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
                         H, N_Q, N_K, sm_scale, N_Q_KEY, N_K_KEY, FRAME,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr,
                         HAS_KL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr, CAUSAL: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        TAIL16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh, b64, h64 = _tile_of_head(N_Q, BLOCK_M, H)
     kv_len = _key_length(KL, b64, N_K, HAS_KL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     q_a, q_b = _load_tile(_head(Q, b64, h64, stride_qb, stride_qh, ALIGN), offs_m, stride_qn, stride_qd, N_Q,
                           BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, True, ALIGN)
     do_a, do_b = _load_tile(_head(DO, b64, h64, stride_dob, stride_doh, ALIGN), offs_m, stride_don, stride_dod, N_Q,
                             BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, True, ALIGN)
     row_ok = offs_m < N_Q
-    lse2 = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf")) * LOG2E
     # delta = rowsum(dO * O), the softmax-backward correction. This kernel runs first and already holds dO,
     # so it computes delta here (saving a launch and a pass over dO) and stores it for the dK/dV kernel.
     o_a, o_b = _load_tile(_head(O, b64, h64, stride_ob, stride_oh, ALIGN), offs_m, stride_on, stride_od, N_Q,
@@ -499,7 +465,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=row_ok)
     k_base = _head(K, b64, h64, stride_kb, stride_kh, ALIGN)
     v_base = _head(V, b64, h64, stride_vb, stride_vh, ALIGN)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     dq_a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq_b = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
@@ -507,12 +473,18 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
     n_full = (lo // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq_a, dq_b = _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, stride_kn, stride_kd,
-                               stride_vn, stride_vd, start_n, kv_len, lim, qk_scale, offs_n,
+                               stride_vn, stride_vd, start_n, kv_len, lim, qk_scale,
                                HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, False, PRECISION, ALIGN, CAUSAL)
-    for start_n in range(n_full, hi, BLOCK_N):
-        dq_a, dq_b = _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, stride_kn, stride_kd,
-                               stride_vn, stride_vd, start_n, kv_len, lim, qk_scale, offs_n,
-                               HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, True, PRECISION, ALIGN, CAUSAL)
+    if TAIL16 and not CAUSAL:
+        for start_n in range(n_full, hi, TAIL_ROWS):
+            dq_a, dq_b = _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, stride_kn,
+                                   stride_kd, stride_vn, stride_vd, start_n, kv_len, lim, qk_scale,
+                                   HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, TAIL_ROWS, True, PRECISION, ALIGN, CAUSAL)
+    else:
+        for start_n in range(n_full, hi, BLOCK_N):
+            dq_a, dq_b = _dq_block(q_a, q_b, do_a, do_b, lse2, delta, dq_a, dq_b, k_base, v_base, stride_kn,
+                                   stride_kd, stride_vn, stride_vd, start_n, kv_len, lim, qk_scale,
+                                   HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, BLOCK_N, True, PRECISION, ALIGN, CAUSAL)
     _store_tile(_head(DQ, b64, h64, stride_dqb, stride_dqh, ALIGN), dq_a * sm_scale, dq_b * sm_scale, offs_m,
                 stride_dqn, stride_dqd, N_Q, HEAD_DIM, BLOCK_D, BLOCK_D2, SPLIT, ALIGN)
 
@@ -520,29 +492,25 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KL,
 # ---------------------------------------------------------------------------------------------------------
 # Host functions: check inputs and launch
 # ---------------------------------------------------------------------------------------------------------
-def split_head_dim_enabled():
-    return os.environ.get("IWM_FAST_ATTN_SPLIT_HEAD_DIM", "1") != "0"
-
-
-def head_dim_tiles(d, split=None):
-    """(BLOCK_D, BLOCK_D2, SPLIT) covering head dim d: one power-of-two tile (BLOCK_D2 then unused, 16), or a
-    power-of-two tile plus a remainder tile when that pads fewer columns. split=None reads the environment."""
-    if split is None:
-        split = split_head_dim_enabled()
-    padded = max(16, triton.next_power_of_2(d))
-    if split and d > 16:
-        first = padded // 2 if padded > d else padded
-        rest = max(16, triton.next_power_of_2(d - first)) if d > first else 0
-        if rest and first + rest < padded:
-            return first, rest, True
-    return padded, 16, False
-
-
-def _launch_params(q, k):
+def _launch_params(q):
+    """The kernels' head-dim and precision constexprs for q [.., D], and the tail switch."""
     d = q.shape[-1]
     block_d, block_d2, split = head_dim_tiles(d)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_D2=block_d2, SPLIT=split, PRECISION=precision)
+    return dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_D2=block_d2, SPLIT=split, PRECISION=precision,
+                TAIL16=tail16_enabled())
+
+
+def _launch(kernel, name, grid, args, params):
+    """Launch ``kernel`` with the autotuner, or (pinned tiles, see kernels/attention_tiles.py) without it."""
+    tiles = tile_choice(name, params["BLOCK_D"] + (params["BLOCK_D2"] if params["SPLIT"] else 0))
+    if tiles is None:
+        kernel[grid](*args, **params)
+        return
+    own, streamed, warps, stages = tiles
+    own_name, streamed_name = BLOCK_NAMES[name]
+    kernel.fn[grid](*args, **params, **{own_name: own, streamed_name: streamed}, num_warps=warps,
+                    num_stages=stages)
 
 
 def _row_align(*tensors):
@@ -578,48 +546,46 @@ def attention_forward(q, k, v, scale=None, key_lengths=None, block_causal=0):
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    tiles = _launch_params(q, k)
-    out = torch.empty((B, Nq, H, tiles["HEAD_DIM"]), dtype=q.dtype, device=q.device).transpose(1, 2)
+    params = _launch_params(q)
+    out = torch.empty((B, Nq, H, params["HEAD_DIM"]), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         lse.fill_(float("inf") if Nk == 0 else 0.0)
         return out.zero_(), lse
     kl, has_kl = _kl_arg(key_lengths)
-    align = _row_align(q, k, v, out)
-    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     frame, causal = _causal_args(block_causal)
-    _attn_fwd_kernel[grid](q, k, v, out, lse, kl, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                           H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), frame, HAS_KL=has_kl, ALIGN=align,
-                           CAUSAL=causal, **tiles)
+    params.update(HAS_KL=has_kl, ALIGN=_row_align(q, k, v, out), CAUSAL=causal)
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+    args = (q, k, v, out, lse, kl, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), frame)
+    _launch(_attn_fwd_kernel, "fwd", grid, args, params)
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, scale=None, key_lengths=None, block_causal=0):
-    """Returns (dq, dk, dv), each with the shape and dtype of its input."""
+def attention_backward(do, q, k, v, out, lse, scale=None, key_lengths=None, block_causal=0, grads=None):
+    """Returns (dq, dk, dv), each with the shape and dtype of its input; written into ``grads`` = (dq, dk, dv)
+    when given (views into one packed buffer, say: see ``iwm_fast.ops.attention.attention_qkv``)."""
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    tiles = _launch_params(q, k)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    params = _launch_params(q)
+    dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
     kl, has_kl = _kl_arg(key_lengths)
-    align = _row_align(q, k, v, out, do, dq, dk, dv)
-    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     frame, causal = _causal_args(block_causal)
+    params.update(HAS_KL=has_kl, ALIGN=_row_align(q, k, v, out, do, dq, dk, dv), CAUSAL=causal)
+    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    sizes = (H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), frame)
     # dQ first: it also writes delta, which the dK/dV kernel reads.
     grid_q = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-    _attn_bwd_dq_kernel[grid_q](q, k, v, out, do, lse, delta, dq, kl,
-                                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
-                                H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), frame, HAS_KL=has_kl, ALIGN=align,
-                                CAUSAL=causal, **tiles)
+    _launch(_attn_bwd_dq_kernel, "dq", grid_q, (q, k, v, out, do, lse, delta, dq, kl, *q.stride(), *k.stride(),
+                                                *v.stride(), *out.stride(), *do.stride(), *dq.stride(), *sizes),
+            params)
     grid_kv = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]) * B * H,)  # noqa: E731
-    _attn_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, kl,
-                                   *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-                                   H, Nq, Nk, scale, _bucket(Nq), _bucket(Nk), frame, HAS_KL=has_kl, ALIGN=align,
-                                   CAUSAL=causal, **tiles)
+    _launch(_attn_bwd_dkdv_kernel, "dkdv", grid_kv, (q, k, v, do, lse, delta, dk, dv, kl, *q.stride(), *k.stride(),
+                                                      *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *sizes),
+            params)
     return dq, dk, dv

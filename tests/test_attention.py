@@ -1,4 +1,5 @@
-"""Fused Triton attention (kernels/attention.py) against float64 references, under TRITON_INTERPRET on the CPU.
+"""Fused Triton attention (kernels/attention.py) against float64 references: compiled on a GPU, under
+TRITON_INTERPRET on the CPU (the same tests; fp16 and fp32 there, the interpreter's bf16 dots being wrong).
 
 Tolerance as in flash-attention's tests: the kernel's max error against float64 must be at most twice the
 error of PyTorch's own attention (matmul, softmax, matmul) evaluated in the same dtype, plus a small epsilon.
@@ -13,10 +14,7 @@ from iwm_fast.ops import attention
 
 F16, F32 = torch.float16, torch.float32
 CUDA = torch.cuda.is_available()
-
-
-def _dev():
-    return "cuda" if CUDA else "cpu"
+DEV = "cuda" if CUDA else "cpu"  # the kernels: compiled on a GPU, interpreted on the CPU
 
 
 def _math_attention(q, k, v, scale, key_lengths=None):
@@ -33,7 +31,7 @@ def _leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
-def _inputs(B, H, Nq, Nk, D, dtype, device="cpu", seed=0):
+def _inputs(B, H, Nq, Nk, D, dtype, device=DEV, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, n, D, generator=g).to(device, dtype) for n in (Nq, Nk, Nk))
     do = torch.randn(B, H, Nq, D, generator=g).to(device, dtype)
@@ -123,28 +121,130 @@ def test_split_and_padded_head_dim_tiles_both_match_float64(B, H, Nq, Nk, D, dty
 
     monkeypatch.setenv("IWM_FAST_ATTN_SPLIT_HEAD_DIM", "1" if split else "0")
     q, k, v, do = _inputs(B, H, Nq, Nk, D, dtype, seed=D)
-    assert _launch_params(q, k)["SPLIT"] is split
-    key_lengths = torch.tensor([Nk - 7] * B)
+    assert _launch_params(q)["SPLIT"] is split
+    key_lengths = torch.tensor([Nk - 7] * B, device=DEV)
     out, grads = _run_triton(q, k, v, do, key_lengths=key_lengths)
     _check_against_reference(q, k, v, do, out, grads, D ** -0.5, key_lengths)
 
 
 def test_autotune_pruning_picks_the_space_of_the_tiles_width():
+    from iwm_fast.kernels import attention_tiles as T
+
+    def kept(kernel, n_q, n_k, block_d, block_d2, split):
+        out = T.prune(kernel)(T.configs(kernel), {"N_Q_KEY": n_q, "N_K_KEY": n_k}, BLOCK_D=block_d,
+                              BLOCK_D2=block_d2, SPLIT=split)
+        own, streamed = T.BLOCK_NAMES[kernel]
+        return {(c.kwargs[own], c.kwargs[streamed], c.num_warps, c.num_stages) for c in out}
+
+    fwd = T.SPACES["fwd"]
+    assert kept("fwd", 1024, 1024, 64, 16, False) == set(fwd[64])
+    assert kept("fwd", 1024, 1024, 64, 16, True) == set(fwd[96])  # D = 80 as 64 + 16
+    assert kept("fwd", 1024, 1024, 64, 32, True) == set(fwd[96])  # D = 96 as 64 + 32
+    assert kept("fwd", 1024, 1024, 128, 16, False) == set(fwd[128])  # D = 80 padded
+    assert kept("fwd", 1024, 1024, 128, 64, True) == set(fwd[256])
+    # A 16-token sequence keeps only tiles of at most 32 rows; where none is, the whole space.
+    assert kept("fwd", 16, 16, 64, 16, False) == {c for c in fwd[64] if c[0] <= 32 and c[1] <= 32}
+    assert kept("dq", 16, 1024, 32, 16, False) == {c for c in T.SPACES["dq"][64] if c[0] <= 32}
+    assert kept("dkdv", 1024, 16, 32, 16, False) == set(T.SPACES["dkdv"][64])
+    # The pruned choices are out of every space, and each space keeps some.
+    for (kernel, width, tiles), why in T.PRUNED.items():
+        assert tiles in T.CANDIDATES[kernel][width] and tiles not in T.SPACES[kernel][width] and why
+    assert all(T.SPACES[k][w] for k in T.KERNELS for w in T.SPACES[k])
+
+
+def test_tile_switch_pins_parses_and_refuses_bad_values(monkeypatch):
+    from iwm_fast.kernels import attention_tiles as T
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(T.TILES_ENV, raising=False)
+    assert T.tile_choice("fwd", 80) is None  # a GPU autotunes by default
+    monkeypatch.setenv(T.TILES_ENV, "pinned")
+    assert T.tile_choice("fwd", 80) == T.PINNED[96]["fwd"] and T.tile_choice("dkdv", 32) == T.PINNED[64]["dkdv"]
+    monkeypatch.setenv(T.TILES_ENV, "fwd=32x64x8x1, dkdv=128x16x4x2")
+    assert T.tile_choice("fwd", 64) == (32, 64, 8, 1) and T.tile_choice("dkdv", 64) == (128, 16, 4, 2)
+    assert T.tile_choice("dq", 64) == T.PINNED[64]["dq"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(T.TILES_ENV)
+    assert T.tile_choice("dq", 128) == T.INTERPRETER  # the interpreter never autotunes
+    for bad in ("fwd=64x64x4", "fwd=48x64x4x2", "bwd=64x64x4x2", "fwd=64x64x3x2", "fast"):
+        monkeypatch.setenv(T.TILES_ENV, bad)
+        with pytest.raises(ValueError, match=T.TILES_ENV):
+            T.tile_choice("fwd", 64)
+    for width, pins in T.PINNED.items():  # a pinned choice is one the autotuner could pick too
+        assert all(pins[kernel] in T.SPACES[kernel][width] for kernel in T.KERNELS), width
+
+
+def _far_negative_logits(B, H, N, D, seed):
+    """q, k, v, do whose every logit q.k * D**-0.5 lies in [-129, -127] (large-magnitude logits, as late in
+    ViT training): one channel carries a large negative product, the others a small random one."""
+    g = torch.Generator().manual_seed(seed)
+    scale = D ** -0.5
+    q = torch.randn(B, H, N, D, generator=g)
+    k = torch.randn(B, H, N, D, generator=g) * 0.02
+    q[..., -1] = 1.0
+    k[..., -1] = (-128.0 + (torch.rand(B, H, N, generator=g) - 0.5) * 1.6) / scale
+    v, do = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
+    logits = (q @ k.transpose(-1, -2)) * scale
+    assert logits.min() > -129 and logits.max() < -127
+    return tuple(t.to(DEV) for t in (q, k, v, do))
+
+
+@pytest.mark.parametrize("N,key_lengths", [(197, None), (256, [197, 256])], ids=["N197", "N256-kl197"])
+def test_gradients_finite_when_every_logit_is_far_below_zero(N, key_lengths):
+    # Padded keys of the dQ kernel's tail tile score 0, far above the real logits: unmasked, exp2(0 - lse)
+    # overflowed and dq became NaN (ds = inf * 0).
+    B = 1 if key_lengths is None else len(key_lengths)
+    q, k, v, do = _far_negative_logits(B, 2, N, 32, seed=13)
+    kl = None if key_lengths is None else torch.tensor(key_lengths, device=DEV)
+    out, grads = _run_triton(q, k, v, do, key_lengths=kl)
+    _check_against_reference(q, k, v, do, out, grads, 32 ** -0.5, kl)
+
+
+TAIL_TILES = "fwd=64x64x4x1,dq=64x64x4x1,dkdv=64x64x4x1"
+
+
+@pytest.mark.parametrize("tail16", ["1", "0"], ids=["tail16", "full-tail"])
+@pytest.mark.parametrize("B,H,N,D,dtype", [(1, 2, 197, 24, F32), (1, 1, 240, 80, F16), (2, 1, 33, 64, F32)],
+                         ids=str)
+def test_short_and_full_tail_tiles_match_float64(B, H, N, D, dtype, tail16, monkeypatch):
+    # 64-row streamed tiles: 197 = 3 x 64 + 5 (one 16-row tail tile), 240 = 3 x 64 + 48 (three), 33 = 0 x 64 + 33.
+    monkeypatch.setenv("IWM_FAST_ATTN_TILES", TAIL_TILES)
+    monkeypatch.setenv("IWM_FAST_ATTN_TAIL16", tail16)
+    q, k, v, do = _inputs(B, H, N, N, D, dtype, seed=N)
+    key_lengths = torch.tensor([N - 3] + [N] * (B - 1), device=DEV)
+    out, grads = _run_triton(q, k, v, do, key_lengths=key_lengths)
+    _check_against_reference(q, k, v, do, out, grads, D ** -0.5, key_lengths)
+
+
+def _counting(calls, real, name, rows_arg):
+    """``real`` (an interpreted block function) that first notes (name, its tile height) in ``calls``."""
+    position = real.arg_names.index(rows_arg)
+
+    def spy(*args, **kwargs):
+        rows = args[position] if position < len(args) else kwargs[rows_arg]
+        calls.append((name, int(getattr(rows, "value", rows))))
+        return real(*args, **kwargs)
+
+    return spy
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("tail16,tail_rows", [("1", 16), ("0", 64)])
+def test_tail_is_walked_in_16_row_tiles(tail16, tail_rows, monkeypatch):
+    # Counts the interpreted kernels' block calls by tile height: at N = 197 with 64-row tiles, each of the 4
+    # query tiles takes 3 full key tiles and one tail tile (forward and dQ), each key tile 3 + 1 query tiles
+    # (dK/dV); the tail is 16 rows high, or one 64-row tile with the switch off.
     from iwm_fast.kernels import attention as A
 
-    union = sorted({c for space in A._FWD_SPACES.values() for c in space})
-    configs = [A._cfg(*c, ("BLOCK_M", "BLOCK_N")) for c in union]
-
-    def kept(n, block_d, block_d2, split):
-        out = A._PRUNE_FWD(configs, {"N_Q_KEY": n, "N_K_KEY": n}, BLOCK_D=block_d, BLOCK_D2=block_d2, SPLIT=split)
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in out}
-
-    assert kept(1024, 64, 16, False) == set(A._FWD_SPACES[64])
-    assert kept(1024, 64, 16, True) == set(A._FWD_SPACES[128])  # D = 80 as 64 + 16
-    assert kept(1024, 128, 16, False) == set(A._FWD_SPACES[128])
-    assert kept(1024, 128, 64, True) == set(A._FWD_SPACES[256])
-    # A 16-token sequence keeps only tiles of at most 32 rows.
-    assert kept(16, 64, 16, False) == {c for c in A._FWD_SPACES[64] if c[0] <= 32 and c[1] <= 32}
+    monkeypatch.setenv("IWM_FAST_ATTN_TILES", TAIL_TILES)
+    monkeypatch.setenv("IWM_FAST_ATTN_TAIL16", tail16)
+    calls = []
+    for name, rows_arg in (("_fwd_block", "BLOCK_N"), ("_dq_block", "BLOCK_N"), ("_dkdv_block", "BLOCK_M")):
+        monkeypatch.setattr(A, name, _counting(calls, getattr(A, name), name, rows_arg))
+    q, k, v, do = _inputs(1, 1, 197, 197, 32, F32, seed=14)
+    _run_triton(q, k, v, do)
+    for name in ("_fwd_block", "_dq_block", "_dkdv_block"):
+        assert sorted(r for n, r in calls if n == name) == sorted([tail_rows] * 4 + [64] * 12), name
 
 
 def test_custom_scale_and_saved_logsumexp():
@@ -161,7 +261,7 @@ def test_custom_scale_and_saved_logsumexp():
 
 def test_key_lengths_ragged_batch_with_an_empty_row():
     q, k, v, do = _inputs(4, 2, 50, 70, 32, F32, seed=2)
-    key_lengths = torch.tensor([70, 23, 0, 64])
+    key_lengths = torch.tensor([70, 23, 0, 64], device=DEV)
     out, grads = _run_triton(q, k, v, do, key_lengths=key_lengths)
     # A sample with no keys: zeros, never NaN, and zero gradients everywhere in it.
     assert torch.equal(out[2], torch.zeros_like(out[2]))
@@ -176,14 +276,14 @@ def test_key_lengths_ragged_batch_with_an_empty_row():
 
 def test_key_lengths_fp16_with_multiple_tail_blocks():
     q, k, v, do = _inputs(2, 1, 197, 197, 80, F16, seed=3)
-    key_lengths = torch.tensor([100, 197], dtype=torch.int32)
+    key_lengths = torch.tensor([100, 197], dtype=torch.int32, device=DEV)
     out, grads = _run_triton(q, k, v, do, key_lengths=key_lengths)
     _check_against_reference(q, k, v, do, out, grads, 80 ** -0.5, key_lengths)
 
 
 def test_sdpa_backend_key_lengths_agrees_on_empty_rows():
     q, k, v, do = _inputs(3, 2, 11, 13, 24, torch.float64, seed=4)
-    key_lengths = torch.tensor([13, 0, 5])
+    key_lengths = torch.tensor([13, 0, 5], device=DEV)
     leaves = [_leaf(t) for t in (q, k, v)]
     out = attention(*leaves, key_lengths=key_lengths, backend="sdpa")
     out.backward(do)
@@ -199,10 +299,10 @@ def test_non_contiguous_inputs():
     B, N, H, D = 2, 61, 3, 40
     g = torch.Generator().manual_seed(5)
     # q, k from a packed qkv projection (as in the layer); v with a non-unit stride along the head dim.
-    qkv = torch.randn(B, N, 3, H, D, generator=g)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEV)
     q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    v = torch.randn(B, H, N, 2 * D, generator=g)[..., ::2]
-    do = torch.randn(B, N, H, D, generator=g).transpose(1, 2)
+    v = torch.randn(B, H, N, 2 * D, generator=g).to(DEV)[..., ::2]
+    do = torch.randn(B, N, H, D, generator=g).to(DEV).transpose(1, 2)
     assert not any(t.is_contiguous() for t in (q, k, v, do))
     out, grads = _run_triton(q, k, v, do)
     _check_against_reference(q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), out, grads,
@@ -211,9 +311,10 @@ def test_non_contiguous_inputs():
 
 def test_layer_triton_matches_sdpa_layer():
     torch.manual_seed(6)
-    fused, plain = Attention(96, num_heads=4, backend="triton"), Attention(96, num_heads=4, backend="sdpa")
+    fused = Attention(96, num_heads=4, backend="triton").to(DEV)
+    plain = Attention(96, num_heads=4, backend="sdpa").to(DEV)
     plain.load_state_dict(fused.state_dict())
-    x = torch.randn(2, 37, 96)
+    x = torch.randn(2, 37, 96, device=DEV)
     y1, y2 = fused(_leaf(x)), plain(_leaf(x))
     assert _max_err(y1, y2) < 1e-5
     y1.square().sum().backward()
@@ -222,12 +323,71 @@ def test_layer_triton_matches_sdpa_layer():
         assert _max_err(p1.grad, p2.grad) < 1e-4 * max(1.0, p2.grad.abs().max().item()), name
 
 
+@pytest.mark.parametrize("B,N,H,D,dtype", [(2, 37, 3, 24, F32), (1, 197, 2, 80, F16)], ids=str)
+def test_packed_qkv_matches_float64(B, N, H, D, dtype):
+    from iwm_fast.ops.attention import attention_qkv, split_qkv
+
+    g = torch.Generator().manual_seed(N)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEV, dtype)
+    do = torch.randn(B, H, N, D, generator=g).to(DEV, dtype)
+    key_lengths = torch.tensor([N - 5] + [N] * (B - 1), device=DEV)
+    leaf = _leaf(qkv)
+    out = attention_qkv(leaf, key_lengths=key_lengths, backend="triton")
+    out.backward(do)
+    assert leaf.grad.shape == qkv.shape and leaf.grad.is_contiguous()
+    q, k, v = (t.contiguous() for t in split_qkv(qkv))
+    _check_against_reference(q, k, v, do, out.detach(), list(split_qkv(leaf.grad)), D ** -0.5, key_lengths)
+
+
+def _copies_in_backward(forward, x, grad):
+    """{op: count} of the copying ops autograd runs in the backward of forward(x), from a CPU profile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    y = forward(x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y.backward(grad)
+    names = ("aten::stack", "aten::cat", "aten::clone")
+    return {n: sum(e.name == n for e in prof.events()) for n in names}
+
+
+@pytest.mark.interpreter
+def test_packed_qkv_backward_writes_the_packed_gradient_without_copies():
+    # The layer's qkv projection [B, N, 3C] goes to the op whole. Unpacked (unbind into q, k, v first), autograd
+    # stacks dq, dk, dv into [3, B, H, N, D] and copies that back into [B, N, 3, H, D]: the control below shows
+    # the profile sees both; the packed op's backward must run neither.
+    from iwm_fast.ops.attention import attention_qkv, split_qkv
+
+    B, N, H, D = 2, 37, 2, 24
+    x = torch.randn(B, N, 3 * H * D, requires_grad=True)
+    grad = torch.randn(B, N, H * D)
+
+    def packed(x):
+        return attention_qkv(x.view(B, N, 3, H, D), backend="triton").transpose(1, 2).reshape(B, N, H * D)
+
+    def unpacked(x):
+        return attention(*split_qkv(x.view(B, N, 3, H, D)), backend="triton").transpose(1, 2).reshape(B, N, H * D)
+
+    assert _copies_in_backward(packed, x, grad) == {"aten::stack": 0, "aten::cat": 0, "aten::clone": 0}
+    control = _copies_in_backward(unpacked, x, grad)
+    assert control["aten::stack"] >= 1 and control["aten::clone"] >= 1, control
+
+
+def test_packed_qkv_errors_and_opcheck():
+    from iwm_fast.ops.attention import attention_qkv, attention_qkv_fwd
+
+    with pytest.raises(ValueError, match=r"\[B, N, 3, H, D\]"):
+        attention_qkv(torch.randn(2, 5, 2, 3, 8))
+    qkv = _leaf(torch.randn(1, 9, 3, 2, 24, device=DEV))
+    torch.library.opcheck(attention_qkv_fwd, (qkv, 0.2, torch.tensor([7], device=DEV)),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
 def test_torch_compile_fullgraph_traces_the_op():
     torch._dynamo.reset()
     torch.manual_seed(7)
-    layer = Attention(48, num_heads=2, backend="triton")
+    layer = Attention(48, num_heads=2, backend="triton").to(DEV)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 19, 48)
+    x = torch.randn(2, 19, 48, device=DEV)
     xc, xe = _leaf(x), _leaf(x)
     yc, ye = compiled(xc), layer(xe)
     assert _max_err(yc, ye) < 1e-6
@@ -240,7 +400,7 @@ def test_opcheck_schema_fake_and_autograd_registration():
     from iwm_fast.ops.attention import attention_fwd
 
     q, k, v, _ = _inputs(1, 2, 9, 12, 24, F32, seed=8)
-    args = (_leaf(q), _leaf(k), _leaf(v), 0.2, torch.tensor([7]))
+    args = (_leaf(q), _leaf(k), _leaf(v), 0.2, torch.tensor([7], device=DEV))
     torch.library.opcheck(attention_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                            "test_autograd_registration"))
 

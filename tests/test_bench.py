@@ -22,8 +22,7 @@ def _read_csv(path):
 def tiny_e2e(monkeypatch):
     """The e2e benchmark cut to one tiny case and one step per phase, so the whole runner takes seconds."""
     monkeypatch.setattr(e2e, "CPU_CASES", [e2e.Case("vit_tiny8", "tiny", 8, "iwm-equi", 2, img=96, tiny=True)])
-    monkeypatch.setattr(e2e, "budget", lambda device, quick: e2e.Budget(warmup=1, windows=1, window=1, breakdown=1,
-                                                                        seconds=120.0))
+    monkeypatch.setattr(e2e, "steps", lambda device, quick: e2e.Steps(warmup=1, windows=1, window=1, breakdown=1))
 
 
 def test_runner_writes_csv_summary_and_plots(tmp_path, tiny_e2e):
@@ -60,6 +59,7 @@ def test_runner_writes_csv_summary_and_plots(tmp_path, tiny_e2e):
     assert "**masks**: ok" in summary and "**e2e**: ok" in summary
     assert "| vit_tiny8/iwm-equi/B2 |" in summary and "(a) eager" in summary
     assert "block_masks" in summary  # the kernel speedup table
+    assert "PASS" not in summary and "targets" not in summary.lower()  # measured values and ratios only
 
 
 def test_runner_reports_missing_and_failing_benchmarks(tmp_path, monkeypatch):
@@ -76,10 +76,10 @@ def test_runner_reports_missing_and_failing_benchmarks(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "iwm_fast.bench.bad", bad)
     monkeypatch.setattr(bench_run, "BENCHMARKS", ("boom", "bad", "not_written_yet"))
     rc = bench_run.main(["--device", "cpu", "--quick", "--no-isolate", "--no-plots", "--out", str(tmp_path)])
-    assert rc == 0  # one benchmark gave a row
+    assert rc == 1  # a benchmark failed
     stem = bench_run.file_stem(harness.metadata("cpu"), "cpu", True)
     summary = (tmp_path / f"{stem}_summary.md").read_text()
-    assert "**boom**: skipped: failed" in summary and "RuntimeError: kernel exploded" in summary
+    assert "**boom**: FAILED" in summary and "RuntimeError: kernel exploded" in summary
     assert "**not_written_yet**: skipped: iwm_fast.bench.not_written_yet module not found" in summary
     assert "**bad**: ok: 1 rows" in summary and "dropped 1 malformed rows" in summary
     _, rows = _read_csv(tmp_path / f"{stem}.csv")
@@ -91,9 +91,37 @@ def test_runner_rejects_unknown_names(tmp_path):
         bench_run.main(["--device", "cpu", "--only", "attention,nope", "--out", str(tmp_path)])
 
 
+def test_rows_reach_the_csv_as_they_are_measured(tmp_path, monkeypatch):
+    # A benchmark that dies after its first row (as one stopped from outside would) still leaves that row.
+    meta = harness.metadata("cpu")
+
+    def first_row_then_crash(device, quick):
+        yield harness.row("k", "p", "first", torch.float32, "ms", (1.0, 1.0, 1.0), meta)
+        assert (tmp_path / "x.csv").read_text().count("first") == 1  # on disk before the next row is made
+        raise RuntimeError("died after one row")
+
+    dying = types.ModuleType("iwm_fast.bench.dying")
+    dying.run = first_row_then_crash
+    monkeypatch.setitem(sys.modules, "iwm_fast.bench.dying", dying)
+    res = bench_run.run_in_process("dying", "cpu", True, str(tmp_path / "x.csv"))
+    assert res["status"].startswith("FAILED") and "died after one row" in res["status"] and res["rows"] == 1
+    _, rows = _read_csv(tmp_path / "x.csv")
+    assert [r["shape"] for r in rows] == ["first"]
+
+
 def test_isolated_child_reports_missing_module(tmp_path):
-    res = bench_run.run_isolated("not_a_benchmark", "cpu", True, timeout=120)
-    assert res["rows"] == [] and res["status"] == "skipped: iwm_fast.bench.not_a_benchmark module not found"
+    res = bench_run.run_isolated("not_a_benchmark", "cpu", True, str(tmp_path / "x.csv"))
+    assert res["rows"] == 0 and res["status"] == "skipped: iwm_fast.bench.not_a_benchmark module not found"
+
+
+def test_gather_traffic_counts_the_positional_table_once():
+    from iwm_fast.bench.gather import traffic_bytes
+
+    with_pos = traffic_bytes(B=128, N=256, D=1280, K=128, M=1, with_pos=True, expanded=False, element_size=2)
+    without = traffic_bytes(B=128, N=256, D=1280, K=128, M=1, with_pos=False, expanded=False, element_size=2)
+    assert with_pos[0] - without[0] == 256 * 1280 * 2  # one [N, D] table, not one row of it per gathered token
+    assert without[0] == 2 * 128 * 128 * 1280 * 2 + 128 * 128 * 8  # rows read + written, indices read
+    assert with_pos[1] == without[1] == (128 * 128 * 1280 + 128 * 256 * 1280) * 2
 
 
 @pytest.mark.parametrize("name,tag", [("NVIDIA H200", "H200"), ("NVIDIA H100 80GB HBM3", "H100-80GB-HBM3"),
@@ -171,7 +199,7 @@ def test_e2e_times_the_engines_step(monkeypatch):
     monkeypatch.setattr(build, "build_training",
                         lambda *a, **k: seen.setdefault("build", True) and real_build(*a, **k))
     case = e2e.Case("vit_tiny8", "tiny", 8, "iwm-equi", 2, img=96, tiny=True)
-    m = e2e.measure(case, e2e.CONFIGS["c_iwm_fast"], "cpu", e2e.Budget(1, 1, 1, 1, 60.0))
+    m = e2e.measure(case, e2e.CONFIGS["c_iwm_fast"], "cpu", e2e.Steps(1, 1, 1, 1))
     assert seen == {"step": True, "build": True}
     assert m["loss"] == m["loss"] and set(m["phases"]) == set(e2e.PHASES)
 
@@ -210,16 +238,47 @@ def test_the_step_marks_every_phase_in_order_without_timing_code_in_the_model():
     assert len(timer.names) == 9
 
 
-def test_attention_bench_times_the_head_dim_split_against_the_padded_tile(monkeypatch):
+def test_attention_quick_set_rows_on_the_model_views(monkeypatch):
     from iwm_fast.bench import attention as bench_attention
 
-    monkeypatch.setattr(bench_attention, "CPU_SHAPES", [("tiny_d40", 1, 1, 9, 40), ("tiny_d32", 1, 1, 9, 32)])
-    rows = bench_attention.run("cpu", quick=False)
-    by = {(r["shape"].split(":")[0], r["provider"], r["metric"]) for r in rows}
-    # D = 40 splits as 32 + 16, so it is also timed padded to 64; D = 32 has one tiling only.
-    assert ("tiny_d40", "triton_padded_d", "tflops_fwdbwd") in by
-    assert ("tiny_d40", "triton", "speedup_vs_padded_d") in by
-    assert not any(s == "tiny_d32" and p == "triton_padded_d" for s, p, _ in by)
-    assert "IWM_FAST_ATTN_SPLIT_HEAD_DIM" not in os.environ  # the switch is put back
-    ratio = next(r for r in rows if r["metric"] == "speedup_vs_padded_d")
-    assert 0 < ratio["p20"] and 0 < ratio["median"] and 0 < ratio["p80"]
+    monkeypatch.setattr(bench_attention, "GOALS", [("vit_h14_256", None, (1, 1, 9, 80))])
+    monkeypatch.setattr(bench_attention, "AB", [a for a in bench_attention.AB if a[0] == "vit_h14_256"])
+    monkeypatch.setattr(bench_attention, "LAYER_SHAPES", ("vit_h14_256",))
+    monkeypatch.setattr(bench_attention, "_compile_ahead", lambda *a: None)  # the interpreter compiles nothing
+    rows = list(bench_attention.run("cpu", quick=True))
+    by = {(r["kernel"], r["provider"], r["metric"]): r for r in rows}
+    assert ("attention", "triton", "speedup_vs_best_sdpa") in by and ("attention", "triton", "tflops_fwdbwd") in by
+    assert ("attention_layer", "triton", "speedup_vs_best_sdpa") in by
+    for label in ("warps8", "padded_d", "autotuned"):  # each A/B switch timed against the pinned tiles
+        ratio = by[("attention", f"triton[{label}]", "speedup_vs_pinned")]
+        assert 0 < ratio["p20"] and 0 < ratio["median"] and 0 < ratio["p80"]
+    assert not any(k.startswith("IWM_FAST_ATTN") for k in os.environ)  # the switches are put back
+
+
+def test_attention_inputs_are_the_layers_views():
+    from iwm_fast.bench.attention import model_inputs
+    from iwm_fast.ops.attention import split_qkv
+
+    qkv, (q, k, v), do = model_inputs(2, 3, 5, 8, torch.float32, "cpu")
+    assert qkv.shape == (2, 5, 3, 3, 8) and all(t._base is qkv for t in (q, k, v))
+    assert [t.shape for t in split_qkv(qkv)] == [q.shape] * 3 and do.shape == (2, 3, 5, 8)
+    assert not q.is_contiguous() and do.stride(1) == 8  # [B, N, H, D] memory, as the projection leaves it
+
+
+def test_compile_ahead_covers_every_tile_choice_the_autotuned_row_may_pick():
+    from iwm_fast.bench import attention as bench_attention
+    from iwm_fast.bench import warm
+    from iwm_fast.kernels import attention_tiles as T
+
+    goals = {name: gpu for name, gpu, _ in bench_attention.GOALS}
+    tasks = warm.tasks(goals, bench_attention.AB, "vit_h14_256", device_is_cuda=True)
+    pinned = [t for t in tasks if t[3] == {T.TILES_ENV: "pinned"}]
+    assert {t[:3] for t in pinned} >= {(H, N, D) for _, H, N, D in goals.values()}
+    picked = {kernel: set() for kernel in T.KERNELS}
+    for H, N, D, env in tasks:
+        if (H, N, D) == goals["vit_h14_256"][1:] and env[T.TILES_ENV] not in ("pinned", "autotune"):
+            for kernel, tiles in T._parse_tiles(env[T.TILES_ENV]).items():
+                picked[kernel].add(tiles)
+    width = T.space_width(64 + 16)  # D = 80 split
+    for kernel in T.KERNELS:
+        assert set(T.SPACES[kernel][width]) <= picked[kernel], kernel

@@ -1,4 +1,6 @@
 """Bundled digits, ImageFolder with unreadable files, the resumable distributed sampler and loader."""
+import os
+import signal
 import warnings
 
 import numpy as np
@@ -145,8 +147,12 @@ def test_sampler_ranks_disjoint_and_strided(n, world):
 
 def test_sampler_state_errors():
     s = ResumableSampler(20, world_size=2, rank=1, seed=0)
-    with pytest.raises(ValueError, match="world_size"):
-        s.load_state_dict({"epoch": 0, "position": 3, "world_size": 4, "seed": 0})
+    with pytest.raises(ValueError, match="do not split over 2 ranks"):  # 3 of 5 samples each on 3 ranks: 9
+        s.load_state_dict(ResumableSampler(20, world_size=3, seed=0).state_dict() | {"position": 3,
+                                                                                      "samples_seen": 9})
+    with pytest.raises(ValueError, match="without drop_last it resumes on 4 ranks only"):
+        ResumableSampler(20, world_size=2, drop_last=False).load_state_dict(
+            {"epoch": 0, "position": 2, "world_size": 4, "drop_last": False})
     with pytest.raises(ValueError, match="seed"):
         s.load_state_dict({"epoch": 0, "position": 3, "seed": 9})
     with pytest.raises(ValueError, match="out of range"):
@@ -156,6 +162,54 @@ def test_sampler_state_errors():
     s.load_state_dict({"epoch": 2, "position": 4})
     s.set_epoch(2)  # the same epoch keeps the restored position
     assert len(s) == 6
+
+
+@pytest.mark.parametrize("n, before, after", [(50, 2, 1), (50, 1, 2), (61, 2, 4), (61, 4, 2)])
+def test_a_position_resumes_on_another_number_of_ranks(n, before, after):
+    """The k-th micro-batches of all ranks are the same slice of the epoch's permutation whatever the rank
+    count: a state saved on ``before`` ranks resumes on ``after`` ranks with the same samples, in the same
+    global order, to the end of the epoch (same global micro-batch of 4, so 4 // ranks each)."""
+    def global_batches(world, states=None, skip=0):
+        samplers = [ResumableSampler(n, rank=r, world_size=world, seed=7) for r in range(world)]
+        for s in samplers:
+            if states is not None:
+                s.load_state_dict(states)
+        parts = [list(s) for s in samplers]
+        per = 4 // world
+        steps = (n // world // per) - (samplers[0].position // per)
+        return [sorted(i for p in parts for i in p[k * per:(k + 1) * per]) for k in range(steps)], samplers
+
+    whole, _ = global_batches(before)
+    first = 5
+    _, samplers = global_batches(before)
+    for s in samplers:
+        s.advance(first * (4 // before))
+    state = samplers[0].state_dict()
+    assert state["samples_seen"] == first * 4
+    rest, resumed = global_batches(after, states=state)
+    assert resumed[0].position == first * 4 // after
+    assert whole == whole[:first] + rest  # the same global batches, none lost or repeated
+
+
+def test_loader_workers_ignore_job_signals(digits_val):
+    """SIGTERM and SIGINT to the loader workers (a whole-job signal, in any order) leave them running, and
+    close() stops them."""
+    from process_tree import alive, children
+
+    loader, _ = build_loader(digits_val, 16, num_workers=2, seed=1)
+    before = children(os.getpid())
+    batches = iter(loader)
+    got = [next(batches)]
+    workers = children(os.getpid()) - before
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+    got += list(batches)  # the rest of the epoch, from the same workers
+    assert sum(len(b["indices"]) for b in got) == len(digits_val) // 16 * 16
+    assert all(alive(p) for p in workers)  # persistent workers, alive after the signals and the epoch
+    loader.close()
+    assert not any(alive(p) for p in workers)
 
 
 def _take(loader, n):

@@ -11,9 +11,10 @@ from iwm_fast.ops import ema_update_
 SIZES = [1, 3, 97, 2047, 2048, 2049, 16384, 16385, 40000]
 
 
-@pytest.fixture(params=["triton", "torch"])
+@pytest.fixture(params=[pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
 def path(request):
-    # The op's backend: the Triton kernel (under the interpreter on the CPU), or auto (PyTorch on the CPU).
+    # The op's backend on CPU tensors: the Triton kernel under the interpreter (a GPU machine runs the CUDA tests
+    # below instead), or auto (PyTorch on the CPU).
     return "triton" if request.param == "triton" else "auto"
 
 
@@ -158,3 +159,78 @@ def test_momentum_out_of_range_is_refused(m):
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
         ema_update_(t, o, m)
     assert torch.equal(t[0], torch.zeros(3))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t_dtype,o_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float32, torch.bfloat16)])
+def test_cuda_kernel_matches_the_formula(t_dtype, o_dtype):
+    # The compiled kernel: fp32 bitwise equal to I-JEPA's loop, bf16 targets to the fp32 formula rounded once.
+    ts = [t.cuda() for t in make(SIZES, t_dtype, 11)]
+    os_ = [o.cuda() for o in make(SIZES, o_dtype, 12)]
+    ref = [t.clone() for t in ts]
+    for m in (0.996, torch.tensor(0.9997, device="cuda")):
+        if t_dtype == o_dtype == torch.float32:
+            ijepa_loop(ref, os_, m)
+        else:
+            ref = [fp32_formula(t, o, m) for t, o in zip(ref, os_)]
+        ema_update_(ts, os_, m)
+        assert all(torch.equal(a, b) for a, b in zip(ts, ref))
+
+
+def _pair_of_models():
+    torch.manual_seed(3)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))  # noqa: E731
+    return make().requires_grad_(False), make()
+
+
+def _updated_like_the_loop(target, online, path, m=0.9):
+    ref = [p.detach().clone() for p in target.parameters()]
+    ijepa_loop(ref, [p.detach() for p in online.parameters()], m)
+    ema_update_(target, online, m, backend=path)
+    return all(torch.equal(p, r) for p, r in zip(target.parameters(), ref))
+
+
+def _move_parameters_around(path, builds):
+    """Updates a pair of models before and after each way their parameters can move; returns the plan's key."""
+    t, o = _pair_of_models()
+    assert _updated_like_the_loop(t, o, path) and _updated_like_the_loop(t, o, path)
+    assert len(builds) == 1, "an unchanged pair of models reuses its plan"
+    changes = [
+        lambda: setattr(t[0].weight, "data", torch.randn(8, 8)),  # new storage under the same Parameter
+        lambda: setattr(o[1], "bias", torch.nn.Parameter(torch.randn(8))),  # a Parameter assigned anew
+        lambda: t[0]._parameters.__setitem__("bias", torch.nn.Parameter(torch.randn(8))),  # a slot written
+        lambda: (t.append(torch.nn.Linear(8, 3)), o.append(torch.nn.Linear(8, 3))),  # a layer added
+        lambda: (t.double(), o.double()),  # converted in place (each param.data swapped)
+    ]
+    for i, change in enumerate(changes):
+        change()
+        assert _updated_like_the_loop(t, o, path), f"change {i}: the update used a stale plan"
+        assert len(builds) == 2 + i, f"change {i} did not rebuild the plan"
+    return id(t), id(o), path
+
+
+def test_plan_is_reused_and_rebuilt_whenever_the_parameters_move(path, monkeypatch):
+    import gc
+
+    from iwm_fast.ops import ema as ema_module
+    from iwm_fast.ops import ema_plan
+
+    builds = []
+    real = ema_module._Work.__init__
+    monkeypatch.setattr(ema_module._Work, "__init__", lambda self, *a: builds.append(1) or real(self, *a))
+    key = _move_parameters_around(path, builds)
+    gc.collect()
+    assert key not in ema_plan._MODULE_PLANS, "the plan (and the parameters it holds) goes with the models"
+
+
+def test_plan_for_tensor_lists_follows_their_storage(path):
+    ts, os_ = make([5, 300], torch.float32, 13), make([5, 300], torch.float32, 14)
+    ref = [t.clone() for t in ts]
+    for step in range(3):
+        if step == 2:
+            ts[1].data = torch.randn(300)  # same list, same tensor objects, new storage
+            ref[1] = ts[1].clone()
+        ijepa_loop(ref, os_, 0.8)
+        ema_update_(ts, os_, 0.8, backend=path)
+        assert all(torch.equal(a, b) for a, b in zip(ts, ref)), step

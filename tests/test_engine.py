@@ -221,7 +221,7 @@ def test_mfu_column_is_unchanged_by_the_cached_flop_count(mode):
 
     model, world, peak, elapsed = _tiny_flop_model(mode), 2, 7.5e12, 0.37
     window = LogWindow(logger=None, bar=None, guard=None, device=torch.device("cpu"), world_size=world,
-                       peak_flops=peak, model=model, target_mode=mode)
+                       peak_flops=peak, model=model)
     steps = [(8, 2, (3, 1)), (8, 3, (3, 1)), (5, 2, (2, 2)), (8, 2, (3, 1))]  # images, context tokens, targets
     for i, (images, nc, tgt_shape) in enumerate(steps):
         window.add(i + 1, None, None, {}, images=images, data_s=0.0, ctx_tokens=nc, tgt_shape=tgt_shape)

@@ -29,9 +29,10 @@ def ijepa_apply_masks(x, masks):
     return torch.cat([torch.gather(x, 1, m.unsqueeze(-1).repeat(1, 1, x.size(-1))) for m in masks], dim=0)
 
 
-@pytest.fixture(params=["triton", "torch"])
+@pytest.fixture(params=[pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
 def path(request):
-    # The op's backend: the Triton kernel (under the interpreter on the CPU), or auto (PyTorch on the CPU).
+    # The op's backend on CPU tensors: the Triton kernel under the interpreter (a GPU machine runs the CUDA tests
+    # below instead), or auto (PyTorch on the CPU).
     return "triton" if request.param == "triton" else "auto"
 
 

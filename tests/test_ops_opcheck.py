@@ -62,16 +62,25 @@ def _masks():
         torch.empty(0), 4, [8, 8], 2, 1, [0.15, 0.2], [0.75, 1.5], [0.85, 1.0], [1.0, 1.0], 4, False, 0, 3, 100, 1)
 
 
+def _attention_qkv_fwd():
+    g = torch.Generator().manual_seed(6)
+    return attn_ops.attention_qkv_fwd, (_leaf(torch.randn(1, 9, 3, 2, 24, generator=g)), 0.2, torch.tensor([7]))
+
+
 CASES = {
-    "attention_fwd": _attention_fwd, "attention_bwd": _attention_bwd,
+    "attention_fwd": _attention_fwd, "attention_bwd": _attention_bwd, "attention_qkv_fwd": _attention_qkv_fwd,
     "masked_gather[triton]": _gather(True), "masked_gather[torch]": _gather(False),
     "masked_gather_scatter[triton]": _scatter(True), "masked_gather_scatter[torch]": _scatter(False),
     "ema_update_[triton]": _ema(True), "ema_update_[torch]": _ema(False),
     "sample_block_masks": _masks,
 }
+# The Triton paths run on CPU tensors here, under the interpreter (the kernels' own tests cover them on a GPU).
+ON_CPU_KERNELS = {"attention_fwd", "attention_bwd", "attention_qkv_fwd", "masked_gather[triton]",
+                  "masked_gather_scatter[triton]", "ema_update_[triton]"}
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.interpreter) if n in ON_CPU_KERNELS else n
+                                  for n in CASES])
 def test_opcheck(name):
     if name == "sample_block_masks" and not mask_ops.HAS_EXT:
         pytest.skip("iwm_fast._C is not built")
@@ -88,7 +97,7 @@ def _compiled_matches(fn, *args):
     torch.testing.assert_close(compiled(*args), fn(*args), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "auto"])
 def test_public_ops_compile_without_graph_breaks(backend):
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, 9, 24, generator=g) for _ in range(3))

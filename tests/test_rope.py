@@ -67,8 +67,13 @@ def _check(got, lowp, want, name, D):
     assert err <= 2 * pt_err + eps, f"{name}: max error {err:.3g} > 2 x PyTorch's {pt_err:.3g} + {eps:.3g}"
 
 
+BF16_ON_GPU = pytest.mark.cuda  # the interpreter's bf16 dots are wrong; bf16 runs on a GPU
+
+
 @pytest.mark.parametrize("D,layout,dtype", [(64, "vjepa2", F32), (80, "vjepa2", F16), (88, "interleaved", F32),
-                                            (88, "vjepa2", F16), (39, "vjepa2", F32), (64, "interleaved", F16)])
+                                            (88, "vjepa2", F16), (39, "vjepa2", F32), (64, "interleaved", F16),
+                                            pytest.param(88, "vjepa2", torch.bfloat16, marks=BF16_ON_GPU),
+                                            pytest.param(64, "interleaved", torch.bfloat16, marks=BF16_ON_GPU)])
 def test_rope_attention_matches_float64(D, layout, dtype):
     B, H, N, grid = 2, 2, 37, (3, 4, 5)
     axes = vjepa2_axes(D)
@@ -127,14 +132,39 @@ def test_grid_positions_and_vjepa2_axes():
 
 
 def test_opcheck_rope_op():
-    from iwm_fast.ops.rope import rope_op, rope_tables
+    from iwm_fast.ops.rope import rope_op, rope_qk_op, rope_tables
 
     axis, inv_freq = rope_tables(20, (6, 6, 6), "vjepa2", device=DEV)
-    x = _leaf(torch.randn(1, 2, 9, 20, device=DEV))
+    x, y = _leaf(torch.randn(1, 2, 9, 20, device=DEV)), _leaf(torch.randn(1, 2, 9, 20, device=DEV))
     pos = _positions(1, 9, (2, 3, 3), seed=3)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     for transpose in (False, True):
-        torch.library.opcheck(rope_op, (x, pos, axis, inv_freq, transpose),
-                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        torch.library.opcheck(rope_op, (x, pos, axis, inv_freq, transpose), test_utils=utils)
+        torch.library.opcheck(rope_qk_op, (x, y, pos, axis, inv_freq, transpose), test_utils=utils)
+
+
+class _CountingLauncher:
+    """Stands in for a Triton kernel object: counts ``kernel[grid](...)`` launches and runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_q_and_k_turn_in_one_launch_forward_and_backward(monkeypatch):
+    from iwm_fast.kernels import rope as kernel_module
+
+    counter = _CountingLauncher(kernel_module._rope_kernel)
+    monkeypatch.setattr(kernel_module, "_rope_kernel", counter)
+    q, k, v = (_leaf(torch.randn(1, 2, 11, 24, device=DEV)) for _ in range(3))
+    pos = _positions(1, 11, (11,), seed=6)
+    out = rope_attention(q, k, v, pos, axes=(16,), backend="triton")
+    assert counter.launches == 1
+    out.sum().backward()
+    assert counter.launches == 2 and q.grad is not None and k.grad is not None
 
 
 def test_torch_compile_fullgraph_traces_rope_attention():

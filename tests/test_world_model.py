@@ -146,3 +146,70 @@ def test_the_readme_example_runs_on_a_run(run_dir, capsys):
              for r in re.search(r"\[(.*)\]", line).group(1).split(",")]
     assert len(ranks) == 6 and all(1 <= r <= 5 for r in ranks)
     assert "mean rank" in out and "(chance 3.0)" in out
+
+
+def test_rank_of_refuses_an_index_outside_the_bank(run_dir):
+    wm = WorldModel.from_run(run_dir)
+    z_hat = wm.predict(wm.encode(images(2)))
+    bank = torch.stack([wm.target_latents(images(2, seed=s)) for s in range(4)], 1)  # [2, 4, N, D]
+    for bad in (99, 4, -1, [0, 4], torch.tensor([-2, 1])):
+        with pytest.raises(ValueError, match=r"true_index must be in \[0, 4\)"):
+            wm.rank_of(z_hat, bank, bad)
+    with pytest.raises(ValueError, match="one int or 2"):
+        wm.rank_of(z_hat, bank, [0, 1, 2])
+    with pytest.raises(TypeError, match="integer"):
+        wm.rank_of(z_hat, bank, 1.0)
+    cos = F.cosine_similarity(z_hat.mean(1)[:, None], bank.mean(2), dim=-1)
+    for true in (0, 3, [3, 1]):  # in range: the rank against an independent count
+        t = torch.as_tensor(true).expand(2)
+        want = (cos > cos.gather(1, t[:, None])).sum(1) + 1
+        assert torch.equal(wm.rank_of(z_hat, bank, true), want)
+
+
+def test_float_images_outside_0_1_are_refused_with_a_hint():
+    from iwm_fast.models import build_iwm
+    cfg = load_config("configs/demo_cpu.yaml", TINY)
+    wm = WorldModel(build_iwm(cfg), cfg)
+    x = images(2)
+    cases = [(x * 255, "0-255 pixel values.*divide by 255"),
+             ((x - 0.45) / 0.22, "normalised with a mean and std"),
+             (x * 1.02, r"clamp them to \[0, 1\]"),
+             (x.masked_fill(x > 0.9, float("nan")), "NaN or Inf")]
+    for bad, hint in cases:
+        for call in (wm.encode, wm.target_latents, lambda b: wm.render(b, transform_params(2))):
+            with pytest.raises(ValueError, match=hint) as e:
+                call(bad)
+            assert "\n" not in str(e.value)
+    u8 = (x * 255).round().to(torch.uint8)
+    assert torch.equal(wm.encode(u8), wm.encode(u8.float() / 255))  # the fix the hint names
+    wm.encode(x.double())  # any float dtype in range
+
+
+def test_world_model_file_errors_are_clear_and_leave_no_tmp(tmp_path):
+    from iwm_fast.models import build_iwm
+    cfg = load_config("configs/demo_cpu.yaml", TINY)
+    wm = WorldModel(build_iwm(cfg), cfg)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        wm.save(str(tmp_path / "missing" / "wm.pt"))
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder; give WorldModel.save a file path"):
+        wm.save(str(tmp_path / "dir"))
+    assert os.listdir(tmp_path / "dir") == [] and sorted(os.listdir(tmp_path)) == ["dir"]
+    good = wm.save(str(tmp_path / "wm.pt"))
+    (tmp_path / "text.pt").write_text("not a torch file at all\n")
+    (tmp_path / "cut.pt").write_bytes(open(good, "rb").read()[:100_000])
+    for name, pattern in (("text.pt", "is not a world model saved by WorldModel.save: not a torch file"),
+                          ("cut.pt", "is truncated or damaged")):
+        with pytest.raises(ValueError, match=pattern) as e:
+            WorldModel.load(str(tmp_path / name))
+        assert "\n" not in str(e.value)
+    with pytest.raises(IsADirectoryError, match="is a folder, not a world-model file"):
+        WorldModel.load(str(tmp_path / "dir"))
+    with pytest.raises(FileNotFoundError, match="no world-model file"):
+        WorldModel.load(str(tmp_path / "none.pt"))
+    (tmp_path / "dir2").mkdir()  # a write that fails (for root too): a folder where the temporary file goes
+    (tmp_path / "dir2" / "wm.pt.tmp").mkdir()
+    with pytest.raises(OSError, match="could not write the world model"):
+        wm.save(str(tmp_path / "dir2" / "wm.pt"))
+    assert os.listdir(tmp_path / "dir2") == ["wm.pt.tmp"]  # the folder in the way is left alone, nothing added
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))

@@ -1,69 +1,79 @@
-"""Attention benchmark: iwm-fast's Triton kernel vs every SDPA backend, flash-attn and xformers.
+"""Attention benchmark: iwm-fast's Triton kernel vs every SDPA backend (each selected explicitly), at the shapes
+of IWM/I-JEPA training, fed as the model feeds them.
 
-Metrics per (shape, provider): ``tflops_fwd``, ``tflops_bwd``, ``tflops_fwdbwd`` (FLOPs counted as in
-flash-attention's benchmark: 4·B·H·Nq·Nk·D forward, 2.5x that backward), ``peak_mem_mb`` (extra CUDA
-memory of one forward+backward over the inputs), and for non-SDPA providers ``speedup_vs_best_sdpa``
-(fwd+bwd; ``_fwd`` and ``_bwd`` variants too): the fastest SDPA backend's median time over the provider's,
-both measured in this run. Providers that reject a shape (e.g. SDPA flash at some head dims) are skipped.
+Shapes (``GOALS``): the encoders' sequences (ViT-B/16: 196 and 197 tokens, D = 64; ViT-H/14: 256 tokens, D = 80)
+and the predictor's (context + one target block: about 150 tokens at D = 32 for ViT-B, 220 at D = 24 for ViT-H),
+at batch 128 (the predictor's 4 targets make 512 sequences), bf16. q, k and v are views of one packed
+projection [B, N, 3, H, D] and the output gradient a [B, N, H, D] view, as the attention layer produces them.
 
-At head dims the kernel splits into two tiles (80 = 64 + 16, see kernels/attention.py), the kernel is also
-timed with the split turned off (provider ``triton_padded_d``: one tile padded to the next power of two), and
-``speedup_vs_padded_d`` rows give the split's gain measured in the same run.
+Rows per (shape, provider): ``tflops_fwd``, ``tflops_bwd``, ``tflops_fwdbwd`` (4·B·H·N²·D forward, 2.5x that
+backward, as flash-attention's benchmark counts), ``peak_mem_mb``; for the Triton kernel
+``speedup_vs_best_sdpa`` (``_fwd``, ``_bwd``): the fastest SDPA backend's median time over the kernel's, both
+from this run, and a ``best_sdpa_ms_fwdbwd`` row naming that backend. An SDPA backend that rejects a shape is
+left out with a note. The quick set runs the kernel on its pinned tiles (no autotuning) and adds:
 
-Rotary rows (V-JEPA 2's shapes, kernel ``rope_attention``): ``triton`` is ``ops.rope_attention`` (one fused
-rotary pass over q and k, then our kernel; block-causal for V-JEPA 2-AC's predictor), ``triton_rope+sdpa`` our
-rotary pass followed by SDPA (isolates the rotation), ``vjepa2_path`` the rotation as V-JEPA 2 does it in PyTorch
-(sines and cosines built on every call, per-axis slices, concatenations) followed by SDPA with its dense
-boolean mask for the AC predictor. Metrics: ``ms_fwd``/``ms_bwd``/``ms_fwdbwd`` and ``speedup_vs_vjepa2``
-(``_fwd``, ``_bwd``), all measured in this run. On the CPU these rows only check correctness
-(``max_rel_err_vs_vjepa2``: our output against the V-JEPA 2-style path).
+- ``attention_layer`` rows: the model's Attention layer (qkv linear, attention, projection; bf16 weights), fwd +
+  bwd, Triton (its packed-qkv op) against the layer on SDPA;
+- A/B rows (``AB``), each the kernel with one switch changed, as ``speedup_vs_pinned``: what only a GPU can
+  decide (8 against 4 warps at D = 80; 32-row against 64-row tiles; the padded D = 80 tile against the split;
+  the full tail tile against the 16-row one; the autotuner's pick against the pinned tiles).
+
+Rotary rows (V-JEPA 2's shapes, N = 2048; full run only): ``rope_attention`` against the rotation as V-JEPA 2
+writes it in PyTorch followed by SDPA (``speedup_vs_vjepa2``); on the CPU they check correctness only.
 """
-import contextlib
 import importlib.util
 import os
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.attention_tiles import SPLIT_ENV, TAIL_ENV, TILES_ENV
+from ..ops.attention import attention, split_qkv
 from . import harness
-from ..ops.attention import attention, block_causal_mask
-from ..ops.rope import apply_rope, grid_positions, rope_attention, vjepa2_axes
+from .rope_rows import run_rope
 
 KERNEL = "attention"
-ROWS_SO_FAR = []  # rows of the shapes finished so far: what a runner stopped at its time limit keeps
-PADDED = "triton_padded_d"
+NOTES = []
 
-# (name, B, H, N, D). Batch sizes give B*H in the thousands so the short sequences still fill an H100.
-CUDA_SHAPES = [
-    ("vit_b16_224", 256, 12, 196, 64),
-    ("vit_h14_224", 128, 16, 256, 80),
-    ("ijepa_pred_vitb_d32", 512, 12, 150, 32),   # width 384, 12 heads; context + one target block
-    ("ijepa_pred_vith_d24", 512, 16, 220, 24),   # width 384, 16 heads
-    ("n1024_d64", 32, 16, 1024, 64),
-    ("n1568_d64", 16, 16, 1568, 64),             # V-JEPA-sized (16x224x224 clip, tubelet 2, patch 16)
+# (name, (B, H, N, D) on a GPU, (B, H, N, D) for the CPU smoke run under the interpreter).
+GOALS = [
+    ("vit_b16_196", (128, 12, 196, 64), (1, 2, 37, 64)),
+    ("vit_b16_197", (128, 12, 197, 64), (1, 1, 21, 64)),
+    ("vit_h14_256", (128, 16, 256, 80), (1, 1, 24, 80)),
+    ("pred_vitb_150", (512, 12, 150, 32), (2, 1, 19, 32)),
+    ("pred_vith_220", (512, 16, 220, 24), (1, 2, 33, 24)),
 ]
-# Both targets (N <= 256 and N 1024) at one head dim first, then ViT-H's D = 80 with and without the split.
-CUDA_QUICK = ("vit_b16_224", "n1024_d64", "vit_h14_224")
-CPU_SHAPES = [("tiny_d24", 1, 2, 33, 24), ("tiny_d64", 1, 1, 17, 64)]
+LONG = [("n1024_d64", (32, 16, 1024, 64), None), ("n1568_d64", (16, 16, 1568, 64), None)]  # full run only
+LAYER_SHAPES = ("vit_h14_256", "vit_b16_196")
+_ROWS32 = "fwd=32x32x4x3,dq=32x32x4x3,dkdv=32x32x4x3"  # the <= 64 space's pinned tiles with 32 rows
+# (shape, label, environment, what it decides); each against the pinned tiles of the same shape.
+AB = [
+    ("vit_h14_256", "warps8", {TILES_ENV: "fwd=64x32x8x2,dq=64x32x8x2,dkdv=64x32x8x2"}, "8 vs 4 warps, D=80"),
+    ("vit_h14_256", "padded_d", {SPLIT_ENV: "0"}, "D=80 padded to 128 vs 64+16"),
+    ("vit_h14_256", "autotuned", {TILES_ENV: "autotune"}, "autotuner's pick vs pinned"),
+    ("vit_b16_196", "rows32", {TILES_ENV: _ROWS32}, "32-row (mma.sync) vs 64-row (wgmma) tiles"),
+    ("pred_vitb_150", "rows32", {TILES_ENV: _ROWS32}, "32-row vs 64-row tiles"),
+    ("pred_vith_220", "rows32", {TILES_ENV: _ROWS32}, "32-row vs 64-row tiles"),
+    ("vit_b16_196", "full_tail", {TAIL_ENV: "0"}, "full vs 16-row tail tile"),
+    ("vit_b16_197", "full_tail", {TAIL_ENV: "0"}, "full vs 16-row tail tile"),
+    ("pred_vith_220", "full_tail", {TAIL_ENV: "0"}, "full vs 16-row tail tile"),
+]
+PINNED = {TILES_ENV: "pinned"}
 
-ROPE_KERNEL = "rope_attention"
-# (name, B, H, D, (T, H, W) token grid, action tokens per frame). 16 frames at 256 px, tubelet 2, patch 16:
-# an 8 x 16 x 16 grid, N = 2048. The AC predictor adds 2 action tokens per frame (N = 2064) and is frame-causal.
-CUDA_ROPE_SHAPES = [
-    ("vjepa2_vitl_16f256", 4, 16, 64, (8, 16, 16), 0),    # ViT-L encoder: 16 heads of 64
-    ("vjepa2_vitg_16f256", 4, 16, 88, (8, 16, 16), 0),    # ViT-g encoder: 16 heads of 88
-    ("vjepa2_pred_16f256", 4, 12, 32, (8, 16, 16), 0),    # predictor, 384 wide: 12 heads of 32
-    ("vjepa2ac_pred_8x256", 2, 16, 64, (8, 16, 16), 2),   # V-JEPA 2-AC predictor, 1024 wide, frame-causal
-]
-CUDA_ROPE_QUICK = ("vjepa2_vitl_16f256", "vjepa2ac_pred_8x256")
-CPU_ROPE_SHAPES = [("tiny_rope_d40", 1, 2, 40, (2, 3, 4), 0), ("tiny_ac_d24", 1, 2, 24, (2, 3, 3), 2)]
+
+def shapes(device, quick):
+    """[(name, B, H, N, D)] to run."""
+    if torch.device(device).type != "cuda":
+        return [(name, *cpu) for name, _, cpu in GOALS]
+    return [(name, *gpu) for name, gpu, _ in (GOALS if quick else GOALS + LONG)]
 
 
 def _sdpa_backends():
     from torch.nn.attention import SDPBackend
 
-    names = [("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_efficient", "EFFICIENT_ATTENTION"),
-             ("sdpa_cudnn", "CUDNN_ATTENTION"), ("sdpa_math", "MATH")]
+    names = [("sdpa_cudnn", "CUDNN_ATTENTION"), ("sdpa_flash", "FLASH_ATTENTION"),
+             ("sdpa_efficient", "EFFICIENT_ATTENTION")]
     return [(label, getattr(SDPBackend, attr)) for label, attr in names if hasattr(SDPBackend, attr)]
 
 
@@ -78,53 +88,28 @@ def _sdpa_provider(backend):
 
 
 def providers(device):
-    """{name: fn(q, k, v) -> out} for everything that can run on ``device``."""
+    """{name: fn(q, k, v) -> out}: the kernel and each SDPA backend that can run on ``device``."""
     found = {}
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if device == "cuda" or interp:
+    if torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         found["triton"] = lambda q, k, v: attention(q, k, v, backend="triton")
-    if device == "cuda":
-        for label, backend in _sdpa_backends():
-            found[label] = _sdpa_provider(backend)
-        if importlib.util.find_spec("flash_attn") is not None:
-            found["flash_attn"] = lambda q, k, v: attention(q, k, v, backend="flash_attn")
-        if importlib.util.find_spec("xformers") is not None:
-            found["xformers"] = lambda q, k, v: attention(q, k, v, backend="xformers")
+    if torch.device(device).type == "cuda":
+        found.update((label, _sdpa_provider(b)) for label, b in _sdpa_backends())
+        for package in ("flash_attn", "xformers"):
+            if importlib.util.find_spec(package) is not None:
+                found[package] = lambda q, k, v, p=package: attention(q, k, v, backend=p)
     else:
-        found["sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
         from torch.nn.attention import SDPBackend
-        found["sdpa_math"] = _sdpa_provider(SDPBackend.MATH)
+
+        found["sdpa_math"] = _sdpa_provider(SDPBackend.MATH)  # the CPU's stand-in: runs the same rows
     return found
 
 
-@contextlib.contextmanager
-def _env(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
-def _variants(provs, D):
-    """(label, fn, env) to time at head dim D: every provider, plus the Triton kernel without the head-dim
-    split where it splits D (the environment switch is read at each launch, the backward's included)."""
-    from ..kernels.attention import head_dim_tiles
-
-    out = [(name, fn, None) for name, fn in provs.items()]
-    if "triton" in provs and head_dim_tiles(D, split=True)[2]:
-        out.append((PADDED, provs["triton"], ("IWM_FAST_ATTN_SPLIT_HEAD_DIM", "0")))
-    return out
-
-
-def _inputs(B, H, N, D, dtype, device):
-    g = torch.Generator(device=device).manual_seed(0)
-    q, k, v, do = (torch.randn(B, H, N, D, generator=g, device=device, dtype=dtype) for _ in range(4))
-    return [t.requires_grad_(True) for t in (q, k, v)], do
+def model_inputs(B, H, N, D, dtype, device, seed=0):
+    """(qkv leaf [B, N, 3, H, D], (q, k, v) views of it, do [B, H, N, D] viewing [B, N, H, D] memory)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    qkv = torch.randn(B, N, 3, H, D, generator=g, device=device, dtype=dtype).requires_grad_(True)
+    do = torch.randn(B, N, H, D, generator=g, device=device, dtype=dtype).transpose(1, 2)
+    return qkv, split_qkv(qkv), do
 
 
 def _peak_mem_mb(step, device):
@@ -136,17 +121,10 @@ def _peak_mem_mb(step, device):
     return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
 
 
-def _measure(fn, B, H, N, D, dtype, device, quick):
-    """Times (median, p20, p80) in ms of fwd, bwd and fwd+bwd, and peak memory; None if fn rejects the shape."""
-    (q, k, v), do = _inputs(B, H, N, D, dtype, device)
-    try:
-        out = fn(q, k, v)  # first call also compiles and autotunes the Triton kernels
-        torch.autograd.grad(out, (q, k, v), do)
-    except Exception as e:  # a provider that rejects the shape (or fails to compile for it) is skipped
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    reps = 20 if quick else 50
+def measure(fn, B, H, N, D, dtype, device, phases=("fwd", "bwd", "fwdbwd"), reps=20):
+    """{phase: (median, p20, p80) ms} of fn on the model's views (grads of q, k, v), and peak memory (MB)."""
+    _, (q, k, v), do = model_inputs(B, H, N, D, dtype, device)
+    torch.autograd.grad(fn(q, k, v), (q, k, v), do)  # compiles (and autotunes) before timing
 
     def fwd():
         with torch.no_grad():
@@ -156,159 +134,107 @@ def _measure(fn, B, H, N, D, dtype, device, quick):
         torch.autograd.grad(fn(q, k, v), (q, k, v), do)
 
     out = fn(q, k, v)
-    bwd = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
-    times = {name: harness.time_ms(f, device, reps=reps) for name, f in
-             (("fwd", fwd), ("bwd", bwd), ("fwdbwd", fwdbwd))}
+    steps = {"fwd": fwd, "fwdbwd": fwdbwd,
+             "bwd": lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)}
+    times = {p: harness.time_ms(steps[p], device, reps=reps, cpu_reps=2) for p in phases}
     out = None  # frees the graph before the next provider
     mem = _peak_mem_mb(fwdbwd, device) if torch.device(device).type == "cuda" else None
-    return (times, mem), None
+    return times, mem
 
 
-def _speedup(best_ms, stats_ms):
-    # Like harness.rate, the p20/p80 columns follow the provider's p20/p80 times.
-    return tuple(best_ms / t for t in stats_ms)
+def _speedups(best, times, meta, shape, dtype, provider, prefix):
+    for phase, suffix in (("fwdbwd", ""), ("fwd", "_fwd"), ("bwd", "_bwd")):
+        if phase in best and phase in times:
+            yield harness.row(KERNEL, provider, shape, dtype, f"{prefix}{suffix}",
+                              tuple(best[phase][0] / t for t in times[phase]), meta)
 
 
-# ---- rotary rows ---------------------------------------------------------------------------------------
-
-def _vjepa2_style_rotate(x, pos, axes):
-    """The rotation as V-JEPA 2 computes it, in PyTorch: per axis, frequencies and sin/cos built on every call,
-    half-frequencies repeated across the vector, pairs turned by a stack, parts concatenated."""
-    parts, start = [], 0
-    for a, d in enumerate(axes):
-        xs = x[..., start:start + d]
-        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=x.dtype, device=x.device) / (d / 2.0))
-        freq = pos[..., a][..., None].to(x.dtype) * omega
-        sin, cos = freq.sin().repeat(1, 1, 2)[:, None], freq.cos().repeat(1, 1, 2)[:, None]
-        pairs = xs.unflatten(-1, (-1, 2))
-        turned = torch.stack((-pairs[..., 1], pairs[..., 0]), -1).flatten(-2)
-        parts.append(xs * cos + turned * sin)
-        start += d
-    parts.append(x[..., start:])
-    return torch.cat(parts, -1)
-
-
-def _ac_positions(grid, action_tokens, device):
-    """Positions of V-JEPA 2-AC's sequence [T, A + H*W]: action tokens (t, 0, 0), patches (t, h, w)."""
-    T, Hg, Wg = grid
-    frames = grid_positions(torch.arange(T * Hg * Wg, device=device), grid).reshape(T, Hg * Wg, 3)
-    act = torch.zeros(T, action_tokens, 3, device=device)
-    act[..., 0] = torch.arange(T, device=device, dtype=torch.float32)[:, None]
-    return torch.cat([act, frames], 1).reshape(1, -1, 3)
-
-
-def rope_providers(device, grid, action_tokens, D):
-    """({name: fn(q, k, v)}, N) for one rotary shape."""
-    T, Hg, Wg = grid
-    if action_tokens:
-        pos = _ac_positions(grid, action_tokens, device)
-        frame = action_tokens + Hg * Wg
-    else:
-        pos = grid_positions(torch.arange(T * Hg * Wg, device=device), grid)[None]
-        frame = None
-    N = pos.shape[1]
-    mask = block_causal_mask(N, N, frame, device) if frame else None
-    axes = vjepa2_axes(D)
-    found = {}
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if torch.device(device).type == "cuda" or interp:
-        found["triton"] = lambda q, k, v: rope_attention(q, k, v, pos, axes=axes, block_causal=frame,
-                                                         backend="triton")
-        found["triton_rope+sdpa"] = lambda q, k, v: F.scaled_dot_product_attention(
-            apply_rope(q, pos, axes=axes, backend="triton"), apply_rope(k, pos, axes=axes, backend="triton"), v,
-            attn_mask=mask)
-    found["vjepa2_path"] = lambda q, k, v: F.scaled_dot_product_attention(
-        _vjepa2_style_rotate(q, pos, axes), _vjepa2_style_rotate(k, pos, axes), v, attn_mask=mask)
-    return found, N
-
-
-def run_rope(device, quick, dtype, meta, rows):
-    dev_type = torch.device(device).type
-    if dev_type == "cuda":
-        by_name = {s[0]: s for s in CUDA_ROPE_SHAPES}
-        shapes = [by_name[n] for n in CUDA_ROPE_QUICK] if quick else CUDA_ROPE_SHAPES
-    else:
-        shapes = CPU_ROPE_SHAPES[-1:] if quick else CPU_ROPE_SHAPES
-    for name, B, H, D, grid, action_tokens in shapes:
-        provs, N = rope_providers(device, grid, action_tokens, D)
-        shape = f"{name}:B{B}xH{H}xN{N}xD{D}" + (f"xframe{action_tokens + grid[1] * grid[2]}" if action_tokens else "")
-        if dev_type != "cuda":  # correctness only
-            (q, k, v), _ = _inputs(B, H, N, D, torch.float32, device)
-            want = provs["vjepa2_path"](q, k, v)
-            for pname, fn in provs.items():
-                if pname != "vjepa2_path":
-                    err = ((fn(q, k, v) - want).abs().max() / want.abs().max()).item()
-                    rows.append(harness.row(ROPE_KERNEL, pname, shape, torch.float32, "max_rel_err_vs_vjepa2",
-                                            (err, err, err), meta))
+def _shape_rows(name, dims, provs, device, dtype, meta, quick):
+    """Rows of one shape: every provider's rates, the kernel against the best SDPA backend. Returns
+    (rows, the kernel's times) so the A/B rows can compare against it."""
+    B, H, N, D = dims
+    shape = f"{name}:B{B}xH{H}xN{N}xD{D}"
+    flops = 4 * B * H * N * N * D
+    work = {"fwd": flops, "bwd": 2.5 * flops, "fwdbwd": 3.5 * flops}
+    rows, results = [], {}
+    for pname, fn in provs.items():
+        env = PINNED if quick and pname == "triton" else {}
+        try:
+            with mock.patch.dict(os.environ, env):
+                times, mem = measure(fn, B, H, N, D, dtype, device)
+        except Exception as exc:  # an SDPA backend may refuse a shape; the kernel may not
+            if pname == "triton":
+                raise
+            NOTES.append(f"attention {shape}: {pname} left out: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
             continue
-        results = {}
-        for pname, fn in provs.items():
-            res, why = _measure(fn, B, H, N, D, dtype, device, quick)
-            if res is None:
-                print(f"  skip {pname} at {shape}: {why}")
-                continue
-            results[pname] = res[0]
-            for phase in ("fwd", "bwd", "fwdbwd"):
-                rows.append(harness.row(ROPE_KERNEL, pname, shape, dtype, f"ms_{phase}", res[0][phase], meta))
-            torch.cuda.empty_cache()
-        if "vjepa2_path" in results:
-            for pname, times in results.items():
-                if pname == "vjepa2_path":
-                    continue
-                for phase, suffix in (("fwdbwd", ""), ("fwd", "_fwd"), ("bwd", "_bwd")):
-                    rows.append(harness.row(ROPE_KERNEL, pname, shape, dtype, f"speedup_vs_vjepa2{suffix}",
-                                            _speedup(results["vjepa2_path"][phase][0], times[phase]), meta))
+        results[pname] = times
+        rows += [harness.row(KERNEL, pname, shape, dtype, f"tflops_{p}", harness.rate(work[p], t, 1e12), meta)
+                 for p, t in times.items()]
+        if mem is not None:
+            rows.append(harness.row(KERNEL, pname, shape, dtype, "peak_mem_mb", (mem,) * 3, meta))
+    sdpa = {p: t for p, t in results.items() if p.startswith("sdpa")}
+    if sdpa and "triton" in results:
+        best = min(sdpa, key=lambda p: sdpa[p]["fwdbwd"][0])
+        rows.append(harness.row(KERNEL, best, shape, dtype, "best_sdpa_ms_fwdbwd", sdpa[best]["fwdbwd"], meta))
+        best_times = {ph: min((t[ph] for t in sdpa.values()), key=lambda s: s[0]) for ph in results["triton"]}
+        rows += _speedups(best_times, results["triton"], meta, shape, dtype, "triton", "speedup_vs_best_sdpa")
+    return rows, results.get("triton"), shape
 
 
-def run(device: str, quick: bool) -> list:
+def ab_rows(dims_by_name, pinned_times, device, dtype, meta):
+    """The A/B rows: the kernel with one switch changed, fwd + bwd, against its pinned tiles at the same shape."""
+    fn = providers(device)["triton"]
+    for name, label, env, _ in AB:
+        if name not in pinned_times:
+            continue
+        shape, base = pinned_times[name]
+        with mock.patch.dict(os.environ, {**PINNED, **env}):
+            times, _ = measure(fn, *dims_by_name[name], dtype, device, phases=("fwdbwd",))
+        provider = f"triton[{label}]"
+        yield harness.row(KERNEL, provider, shape, dtype, "ms_fwdbwd", times["fwdbwd"], meta)
+        yield harness.row(KERNEL, provider, shape, dtype, "speedup_vs_pinned",
+                          tuple(base["fwdbwd"][0] / t for t in times["fwdbwd"]), meta)
+
+
+def _compile_ahead(device, dtype, quick):
+    """Compile the quick set's kernel variants in a pool of processes first (iwm_fast.bench.warm)."""
+    from . import warm
+
+    goal_dims = {name: dims for name, *dims in shapes(device, quick)}
+    cuda = torch.device(device).type == "cuda"
+    task_list = warm.tasks(goal_dims, AB, "vit_h14_256", cuda)
+    workers = min(12, max(1, (os.cpu_count() or 2) - 2)) if cuda else 1
+    seconds, errors = warm.compile_ahead(task_list, torch.device(device).type, str(dtype).split(".")[1], workers)
+    NOTES.append(f"attention: {len(task_list)} kernel variants compiled ahead in {seconds:.0f} s by {workers} "
+                 f"processes")
+    if errors:  # the timing below compiles (and fails on) them again, with the traceback
+        NOTES.extend(f"attention: compile-ahead failed: {e}" for e in errors)
+
+
+def run(device: str, quick: bool):
     dev_type = torch.device(device).type
-    if dev_type == "cuda":
-        by_name = {s[0]: s for s in CUDA_SHAPES}
-        shapes = [by_name[n] for n in CUDA_QUICK] if quick else CUDA_SHAPES
-        dtype = torch.bfloat16
-    else:
-        shapes = CPU_SHAPES[:1] if quick else CPU_SHAPES
-        dtype = torch.float32
+    dtype = torch.bfloat16 if dev_type == "cuda" else torch.float32  # the interpreter's bf16 dots are wrong
     meta = harness.metadata(device)
-    provs = providers(dev_type)
-    ROWS_SO_FAR.clear()
-    rows = ROWS_SO_FAR
-    for name, B, H, N, D in shapes:
-        shape = f"{name}:B{B}xH{H}xN{N}xD{D}"
-        fwd_flops = 4 * B * H * N * N * D
-        flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwdbwd": 3.5 * fwd_flops}
-        results = {}
-        for pname, fn, env in _variants(provs, D):
-            with _env(*env) if env else contextlib.nullcontext():
-                res, why = _measure(fn, B, H, N, D, dtype, device, quick)
-            if res is None:
-                print(f"  skip {pname} at {shape}: {why}")
-                continue
-            results[pname] = res
-            times, mem = res
-            for phase in ("fwd", "bwd", "fwdbwd"):
-                rows.append(harness.row(KERNEL, pname, shape, dtype, f"tflops_{phase}",
-                                        harness.rate(flops[phase], times[phase], 1e12), meta))
-            if mem is not None:
-                rows.append(harness.row(KERNEL, pname, shape, dtype, "peak_mem_mb", (mem, mem, mem), meta))
-            if dev_type == "cuda":
-                torch.cuda.empty_cache()
-        if "triton" in results and PADDED in results:
-            for phase, suffix in (("fwdbwd", ""), ("fwd", "_fwd"), ("bwd", "_bwd")):
-                rows.append(harness.row(KERNEL, "triton", shape, dtype, f"speedup_vs_padded_d{suffix}",
-                                        _speedup(results[PADDED][0][phase][0], results["triton"][0][phase]), meta))
-        sdpa = {p: r for p, r in results.items() if p.startswith("sdpa")}
-        if not sdpa:
-            continue
-        for pname, (times, _) in results.items():
-            if pname.startswith("sdpa"):
-                continue
-            for phase, suffix in (("fwdbwd", ""), ("fwd", "_fwd"), ("bwd", "_bwd")):
-                best = min(r[0][phase][0] for r in sdpa.values())
-                rows.append(harness.row(KERNEL, pname, shape, dtype, f"speedup_vs_best_sdpa{suffix}",
-                                        _speedup(best, times[phase]), meta))
-    run_rope(device, quick, dtype, meta, rows)
-    return list(rows)
+    NOTES.clear()
+    provs = providers(device)
+    if quick and "triton" in provs:
+        _compile_ahead(device, dtype, quick)
+    dims_by_name, pinned_times = {}, {}
+    for name, *dims in shapes(device, quick):
+        rows, triton_times, shape = _shape_rows(name, dims, provs, device, dtype, meta, quick)
+        yield from rows
+        dims_by_name[name] = dims
+        if triton_times is not None:
+            pinned_times[name] = (shape, triton_times)
+        if dev_type == "cuda":
+            torch.cuda.empty_cache()
+    if quick and "triton" in provs:
+        from .attention_layer import layer_rows
+
+        yield from layer_rows([(n, dims_by_name[n]) for n in LAYER_SHAPES], device, dtype, meta)
+        yield from ab_rows(dims_by_name, pinned_times, device, dtype, meta)
+    if not quick:
+        yield from run_rope(device, dtype, meta)
 
 
 def main(argv=None):

@@ -16,11 +16,14 @@ configurations differ only in their ``iwm_fast.backends.Backends`` value and the
 Cases: ViT-B/16 and ViT-H/14 (224 px) with the ``iwm-equi`` and ``ijepa`` predictor presets.
 
 Throughput: steps run back to back with no host sync, as the engine runs them between log steps; each window of
-``Budget.window`` steps ends with one sync and the read-back of its losses (the engine's log step), and
+``Steps.window`` steps ends with one sync and the read-back of its losses (the engine's log step), and
 images/s = batch / (window time / window steps); medians and p20/p80 over windows. The breakdown is a separate
 run whose phase timer (CUDA events) marks the step's phases; its predictor/context-encoder backward split is
 an event recorded by a gradient hook on the context tokens. Compile time (warmup wall time beyond warmup x the
-steady step time) is reported on its own, not in images/s.
+steady step time) is reported on its own, not in images/s. The masked gather's index check is off, as in
+training (``iwm-train`` turns it off unless IWM_FAST_INDEX_CHECK is set). Rows are yielded as each configuration
+finishes, the speedups as soon as both of their configurations have run; the quick set is one case,
+ViT-H/14 IWM-Equi at batch 128, with the eager configurations first.
 """
 import argparse
 import dataclasses
@@ -33,7 +36,6 @@ from ..backends import Backends
 from . import harness
 
 NOTES = []  # "skipped: ..." lines for the runner's summary, filled by run()
-ROWS_SO_FAR = []  # rows of the configurations finished so far: what a runner stopped at its time limit keeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,19 +75,21 @@ PHASES = ("data", "target_encoder", "context_fwd", "predictor_fwd", "predictor_b
           "optimizer", "ema")
 
 
+QUICK_ORDER = ("a_ijepa_eager", "c_iwm_fast", "b_pytorch_compile", "d_iwm_fast_compile")  # compiles last
+
+
 @dataclasses.dataclass(frozen=True)
-class Budget:
+class Steps:
     warmup: int
     windows: int
     window: int         # steps per timed window (one sync at its end)
     breakdown: int
-    seconds: float      # wall-clock budget of the whole e2e part; cases past it are skipped with a note
 
 
-def budget(device, quick):
+def steps(device, quick):
     if torch.device(device).type != "cuda":
-        return Budget(warmup=2, windows=2, window=1, breakdown=1, seconds=120.0)
-    return Budget(3, 3, 2, 3, 140.0) if quick else Budget(5, 5, 4, 5, 3600.0)
+        return Steps(warmup=2, windows=2, window=1, breakdown=1)
+    return Steps(3, 3, 2, 1) if quick else Steps(5, 5, 4, 5)
 
 
 def case_config(case, config):
@@ -217,61 +221,72 @@ def _cleanup(compiled):
         torch.cuda.empty_cache()
 
 
+def _config_rows(case, name, shape, dtype, b, device, meta):
+    """The rows of one configuration (its images/s row first), or [] with a note when it failed."""
+    config = CONFIGS[name]
+    try:
+        m = measure(case, config, device, b)
+    except Exception as exc:  # one configuration failing (OOM, compile error) must not stop the rest
+        NOTES.append(f"FAILED: e2e {shape} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                     if str(exc) else f"FAILED: e2e {shape} {name}: {type(exc).__name__}")
+        return []
+    finally:
+        _cleanup(config.compile)
+    step = m["step_ms"]
+    rows = [harness.row("e2e", name, shape, dtype, "images_per_s", harness.rate(case.batch, step, 1.0), meta),
+            harness.row("e2e", name, shape, dtype, "step_ms", step, meta)]
+    rows += [harness.row("e2e", name, shape, dtype, f"phase_ms:{phase}", st, meta) for phase, st in m["phases"].items()]
+    rows.append(harness.row("e2e", name, shape, dtype, "compile_s", (m["compile_s"],) * 3, meta))
+    rows.append(harness.row("e2e", name, shape, dtype, "peak_mem_gib", (m["peak_mem_gib"],) * 3, meta))
+    print(f"e2e {shape:28s} {name:20s} {rows[0]['median']:9.1f} images/s  step {step[0]:8.1f} ms"
+          + (f"  compile {m['compile_s']:.0f} s" if config.compile else ""), flush=True)
+    return rows
+
+
 def run(device, quick, cases=None, configs=None):
+    from ..ops.gather import get_index_check, set_index_check
+
     NOTES.clear()
-    ROWS_SO_FAR.clear()
     meta = harness.metadata(device)
-    b = budget(device, quick)
+    b = steps(device, quick)
     cuda = torch.device(device).type == "cuda"
     if cases is None:
-        cases = CPU_CASES if not cuda else (CUDA_CASES if not quick else CUDA_CASES[:3])
+        cases = CPU_CASES if not cuda else (CUDA_CASES[:1] if quick else CUDA_CASES)
     if not cuda:
         NOTES.append("note: e2e on the CPU: 'auto' backends run the PyTorch paths (Triton runs on CUDA only "
                      "here), so (c) and (d) check the plumbing, not the kernels")
-    names = list(configs or CONFIGS)
+    names = list(configs or (QUICK_ORDER if quick else CONFIGS))
     dtype = "bfloat16" if cuda else "float32"
-    rows, t_start = ROWS_SO_FAR, time.perf_counter()
-    for case in cases:
-        shape = f"{case.model}/{case.mode}/B{case.batch}"
-        throughput = {}
-        for name in names:
-            config = CONFIGS[name]
-            if time.perf_counter() - t_start > b.seconds:
-                NOTES.append(f"skipped: e2e {shape} {name}: past the {b.seconds:.0f} s budget")
-                continue
-            try:
-                m = measure(case, config, device, b)
-            except Exception as exc:  # one configuration failing (OOM, compile error) must not stop the rest
-                NOTES.append(f"skipped: e2e {shape} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                             if str(exc) else f"skipped: e2e {shape} {name}: {type(exc).__name__}")
-                _cleanup(config.compile)
-                continue
-            _cleanup(config.compile)
-            step = m["step_ms"]
-            ips = harness.row("e2e", name, shape, dtype, "images_per_s", harness.rate(case.batch, step, 1.0), meta)
-            rows.append(ips)
-            throughput[name] = ips
-            rows.append(harness.row("e2e", name, shape, dtype, "step_ms", step, meta))
-            for phase, st in m["phases"].items():
-                rows.append(harness.row("e2e", name, shape, dtype, f"phase_ms:{phase}", st, meta))
-            rows.append(harness.row("e2e", name, shape, dtype, "compile_s", (m["compile_s"],) * 3, meta))
-            rows.append(harness.row("e2e", name, shape, dtype, "peak_mem_gib", (m["peak_mem_gib"],) * 3, meta))
-            print(f"e2e {shape:28s} {name:20s} {ips['median']:9.1f} images/s  step {step[0]:8.1f} ms"
-                  + (f"  compile {m['compile_s']:.0f} s" if config.compile else ""), flush=True)
-        rows += speedup_rows(throughput, meta)
-    return list(rows)
+    check = get_index_check()
+    set_index_check("off")  # as iwm-train runs: no host read of the indices in the step
+    try:
+        for case in cases:
+            shape = f"{case.model}/{case.mode}/B{case.batch}"
+            throughput = {}
+            for name in names:
+                rows = _config_rows(case, name, shape, dtype, b, device, meta)
+                yield from rows
+                if rows:
+                    throughput[name] = rows[0]
+                    yield from speedup_rows(throughput, meta, newest=name)
+    finally:
+        set_index_check(check)
+    failed = [n for n in NOTES if n.startswith("FAILED")]
+    if failed:  # after every other configuration has run and yielded its rows
+        raise RuntimeError(f"{len(failed)} e2e configuration(s) failed: " + "; ".join(failed))
 
 
-def speedup_rows(throughput, meta):
+def speedup_rows(throughput, meta, newest=None):
     """images/s of each configuration over (a)'s and over (b)'s, measured in the same run (p20/p80: the
-    configuration's own spread over the baseline's median)."""
+    configuration's own spread over the baseline's median): c/a, d/a, c/b, d/b, b/a. With ``newest``, only the
+    ratios that configuration completes."""
     out = []
     for base in ("a_ijepa_eager", "b_pytorch_compile"):
         if base not in throughput:
             continue
         ref = throughput[base]["median"]
         for name, r in throughput.items():
-            if name <= base:  # only later configurations against earlier baselines: c/a, d/a, c/b, d/b, b/a
+            if name <= base or newest not in (None, name, base):
                 continue
             stats = (r["median"] / ref, r["p20"] / ref, r["p80"] / ref)
             out.append(harness.row("e2e", name, r["shape"], r["dtype"], f"speedup_vs_{base}", stats, meta))
@@ -286,7 +301,7 @@ def main(argv=None):
     p.add_argument("--configs", default=None, help="comma-separated subset of " + ",".join(CONFIGS))
     a = p.parse_args(argv)
     configs = a.configs.split(",") if a.configs else None
-    rows = run(a.device, a.quick, configs=configs)
+    rows = list(run(a.device, a.quick, configs=configs))
     for n in NOTES:
         print(n)
     if a.csv:

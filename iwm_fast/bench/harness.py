@@ -38,6 +38,25 @@ def time_ms(fn, device, warmup=5, reps=50, cpu_reps=5):
     return _quantiles(samples)
 
 
+def host_us_per_call(fn, device, calls=200, warm_calls=3):
+    """Host time of one ``fn()`` in microseconds: a loop of ``calls`` calls (10 on the CPU, where the host does
+    all the work) between two host clock reads, with no sync inside (the device runs behind; launches queue),
+    after a sync. The cost a training step pays on the CPU, which a device timer cannot see."""
+    for _ in range(warm_calls):
+        fn()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    else:
+        calls = min(calls, 10)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    us = (time.perf_counter() - t0) * 1e6 / calls
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return us, us, us
+
+
 def time_warm_ms(fn, device, warm_calls=3):
     """``time_ms`` after a few untimed calls that pay one-time costs (table builds, dispatch, compilation)."""
     for _ in range(warm_calls):
@@ -93,6 +112,23 @@ def write_csv(rows, path):
     return path
 
 
+class CsvSink:
+    """Appends rows to a CSV (the header first when the file is new), flushed one by one, so that whatever stops
+    the process later cannot take a finished row with it."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, row):
+        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow({k: row[k] for k in COLUMNS})
+
+
 def print_table(rows, columns=("kernel", "shape", "dtype", "provider", "metric", "median", "p20", "p80")):
     """Aligned text table of rows; numbers with three decimals."""
     cells = [[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
@@ -113,7 +149,7 @@ def bench_main(run, description, argv=None):
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
-    rows = run(args.device, args.quick)
+    rows = list(run(args.device, args.quick))
     print_table(rows)
     if args.csv:
         print("wrote", write_csv(rows, args.csv))

@@ -4,14 +4,16 @@
     iwm-bench --device cpu --quick         # tiny shapes, seconds: tests the harness
     iwm-bench --only e2e,attention --out DIR
 
-Each benchmark is ``iwm_fast.bench.<name>.run(device, quick) -> rows``, imported lazily: one that is missing,
-fails to import, raises or times out becomes a "skipped: <reason>" line in the summary and the rest still run.
-On CUDA each benchmark runs in its own process (``--isolate``, the default there) so that a crashed kernel or
-a poisoned CUDA context cannot take the others down, and ``--timeout`` bounds each one.
+Each benchmark is ``iwm_fast.bench.<name>.run(device, quick)``, yielding (or returning) rows, imported lazily: one
+that is missing or fails to import is a "skipped" line in the summary, one that raises is "FAILED", and the rest
+still run. On CUDA each benchmark runs in its own process (``--isolate``, the default there) so that a crashed
+kernel or a poisoned CUDA context cannot take the others down.
 
-Files (``--out``, default benchmarks/results/), named by date and GPU, e.g. ``2026-11-29_H200_quick``:
-``.csv`` (columns ``harness.COLUMNS``), ``_summary.md``, ``_speedup.png`` and ``_e2e.png``. CSV and summary
-are rewritten after every benchmark, so a run cut short still leaves what it measured.
+Every row goes to the CSV the moment it is measured, by the process that measured it, so a run stopped from
+outside (a time limit, Ctrl-C) keeps each finished row; the runner itself sets no time limits (the GPU check,
+benchmarks/device_check.sh, owns the one time budget). Files (``--out``, default benchmarks/results/), named by
+date and GPU, e.g. ``2026-11-29_H200_quick``: ``.csv`` (columns ``harness.COLUMNS``; started anew unless
+``--append``), ``_summary.md``, ``_speedup.png`` and ``_e2e.png``.
 """
 import argparse
 import datetime
@@ -20,7 +22,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,23 +51,20 @@ def _short(exc):
     return f"{type(exc).__name__}: {msg[0][:300]}" if msg else type(exc).__name__
 
 
-def _valid_rows(rows, columns):
-    """Rows that are dicts holding every CSV column with a numeric median; (kept, number dropped)."""
-    if not isinstance(rows, (list, tuple)):
-        return [], -1
-    kept = []
-    for r in rows:
-        try:
-            if isinstance(r, dict) and all(c in r for c in columns):
-                float(r["median"]), float(r["p20"]), float(r["p80"])
-                kept.append(r)
-        except (TypeError, ValueError):
-            pass
-    return kept, len(rows) - len(kept)
+def _valid(row, columns):
+    """A dict holding every CSV column, with numeric median, p20 and p80."""
+    if not isinstance(row, dict) or not all(c in row for c in columns):
+        return False
+    try:
+        float(row["median"]), float(row["p20"]), float(row["p80"])
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
-def run_in_process(name, device, quick):
-    """Import and run one benchmark here. Returns {"rows", "notes", "status"}; never raises."""
+def run_in_process(name, device, quick, csv_path):
+    """Import and run one benchmark here, appending each valid row to ``csv_path`` as it comes.
+    Returns {"rows": count written, "notes", "status"} (status "ok: ...", "skipped: ..." or "FAILED: ...")."""
     from . import harness
 
     modname = f"iwm_fast.bench.{name}"
@@ -74,80 +72,54 @@ def run_in_process(name, device, quick):
         module = importlib.import_module(modname)
     except ModuleNotFoundError as exc:
         reason = "module not found" if exc.name == modname else f"import failed: {_short(exc)}"
-        return {"rows": [], "notes": [], "status": f"skipped: {modname} {reason}"}
+        return {"rows": 0, "notes": [], "status": f"skipped: {modname} {reason}"}
     except Exception as exc:
         traceback.print_exc()
-        return {"rows": [], "notes": [], "status": f"skipped: {modname} import failed: {_short(exc)}"}
+        return {"rows": 0, "notes": [], "status": f"FAILED: {modname} import failed: {_short(exc)}"}
     if not callable(getattr(module, "run", None)):
-        return {"rows": [], "notes": [], "status": f"skipped: {modname} has no run(device, quick)"}
-    t0 = time.perf_counter()
+        return {"rows": 0, "notes": [], "status": f"skipped: {modname} has no run(device, quick)"}
+    t0, written, dropped, status = time.perf_counter(), 0, 0, None
+    sink = harness.CsvSink(csv_path)
     try:
-        rows = module.run(device, quick)
+        for row in module.run(device, quick):
+            if _valid(row, harness.COLUMNS):
+                sink.write(row)
+                written += 1
+            else:
+                dropped += 1
     except Exception as exc:
         traceback.print_exc()
-        notes = [str(n) for n in getattr(module, "NOTES", [])]
-        return {"rows": [], "notes": notes, "status": f"skipped: failed after {time.perf_counter() - t0:.0f} s: "
-                                                      f"{_short(exc)}"}
-    kept, dropped = _valid_rows(rows, harness.COLUMNS)
+        status = f"FAILED after {time.perf_counter() - t0:.0f} s: {_short(exc)}"
     notes = [str(n) for n in getattr(module, "NOTES", [])]
-    if dropped < 0:
-        return {"rows": [], "notes": notes, "status": f"skipped: run() returned {type(rows).__name__}, not rows"}
     if dropped:
         notes.append(f"dropped {dropped} malformed rows (missing columns or non-numeric values)")
-    status = f"ok: {len(kept)} rows in {time.perf_counter() - t0:.0f} s"
-    if not kept:
-        status = "skipped: produced no rows"
-    return {"rows": kept, "notes": notes, "status": status}
+    if status is None:
+        status = f"ok: {written} rows in {time.perf_counter() - t0:.0f} s" if written else "skipped: produced no rows"
+    return {"rows": written, "notes": notes, "status": status}
 
 
-def _child_on_sigterm(name, result_path, t0):
-    """On SIGTERM (the parent's time limit) a child writes the rows its module has finished so far, if any."""
-    def handler(signum, frame):
-        from . import harness
-
-        module = sys.modules.get(f"iwm_fast.bench.{name}")
-        rows, _ = _valid_rows(list(getattr(module, "ROWS_SO_FAR", [])), harness.COLUMNS)
-        notes = [str(n) for n in getattr(module, "NOTES", [])]
-        status = f"partial: stopped at the time limit after {time.perf_counter() - t0:.0f} s, {len(rows)} rows kept"
-        with open(result_path, "w") as f:
-            json.dump({"rows": rows, "notes": notes, "status": status if rows else "skipped: timed out"}, f)
-        os._exit(0)
-    signal.signal(signal.SIGTERM, handler)
-
-
-def run_isolated(name, device, quick, timeout, grace=20.0):
-    """Run one benchmark in a child process (its output streams to ours) with a time limit.
-
-    At the limit the child gets SIGTERM and ``grace`` seconds to hand over its finished rows, then SIGKILL.
-    """
+def run_isolated(name, device, quick, csv_path):
+    """Run one benchmark in a child process (its output streams to ours; its rows go to ``csv_path``)."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "iwm_fast.bench.run", "--child", name, "--child-result", result_path,
-               "--device", device] + (["--quick"] if quick else [])
+               "--child-csv", csv_path, "--device", device] + (["--quick"] if quick else [])
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd)
-        try:
-            proc.wait(timeout=max(1.0, timeout - grace))
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if not os.path.exists(result_path):
-                return {"rows": [], "notes": [], "status": f"skipped: timed out after {timeout:.0f} s"}
+        proc = subprocess.run(cmd)
         if not os.path.exists(result_path):
-            return {"rows": [], "notes": [], "status": f"skipped: child process died (exit {proc.returncode}) "
-                                                      f"after {time.perf_counter() - t0:.0f} s"}
+            return {"rows": 0, "notes": [], "status": f"FAILED: child process died (exit {proc.returncode}) after "
+                                                      f"{time.perf_counter() - t0:.0f} s; its finished rows are kept"}
         with open(result_path) as f:
             return json.load(f)
 
 
-def _write_outputs(out_dir, stem, rows, statuses, meta, args_line, plots):
-    from . import harness, report
+def write_outputs(out_dir, stem, statuses, meta, args_line, plots):
+    """Summary (and plots) from every row in the run's CSV."""
+    from . import report
 
-    paths = {}
+    csv_path = os.path.join(out_dir, f"{stem}.csv")
+    rows = report.read_csv(csv_path) if os.path.exists(csv_path) else []
+    paths = {"csv": csv_path}
     if plots:
         for key, fn in (("speedup_png", report.plot_speedups), ("e2e_png", report.plot_breakdown)):
             try:
@@ -157,10 +129,9 @@ def _write_outputs(out_dir, stem, rows, statuses, meta, args_line, plots):
                 p = None
             if p:
                 paths[key] = p
-    paths["csv"] = harness.write_csv(rows, os.path.join(out_dir, f"{stem}.csv"))
     paths["summary"] = report.write_summary(os.path.join(out_dir, f"{stem}_summary.md"), rows, statuses, meta,
                                             args_line)
-    return paths
+    return paths, rows
 
 
 def parse_args(argv):
@@ -176,13 +147,11 @@ def parse_args(argv):
     iso.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                      help="one process per benchmark (default on CUDA)")
     iso.add_argument("--no-isolate", dest="isolate", action="store_false", help="run all in this process")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per benchmark when isolated (default: 240 quick, 1800 full)")
-    p.add_argument("--deadline", type=float, default=None,
-                   help="wall-clock seconds for the whole run: later benchmarks get what is left, or are skipped")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child-result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--append", action="store_true",
+                   help="add to the day's CSV instead of starting it anew (the GPU check's stages share one)")
+    for hidden in ("--child", "--child-result", "--child-csv"):
+        p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
@@ -193,17 +162,14 @@ def parse_args(argv):
     a.names = list(dict.fromkeys(names))
     if a.isolate is None:
         a.isolate = a.device == "cuda"
-    if a.timeout is None:
-        a.timeout = 240.0 if a.quick else 1800.0
     return a
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
-    if a.child:  # one benchmark for an isolating parent: result as JSON, output on our stdout
-        _child_on_sigterm(a.child, a.child_result, time.perf_counter())
-        result = run_in_process(a.child, a.device, a.quick)
+    if a.child:  # one benchmark for an isolating parent: rows to the CSV, status as JSON
+        result = run_in_process(a.child, a.device, a.quick, a.child_csv)
         with open(a.child_result, "w") as f:
             json.dump(result, f)
         return 0
@@ -211,34 +177,31 @@ def main(argv=None):
 
     meta = harness.metadata(a.device)
     stem = file_stem(meta, a.device, a.quick)
+    csv_path = os.path.join(a.out, f"{stem}.csv")
+    if not a.append and os.path.exists(csv_path):
+        os.remove(csv_path)
     args_line = "iwm-bench " + " ".join(shlex.quote(x) for x in argv)
-    rows, statuses = [], {}
-    t_start = time.perf_counter()
+    statuses = {}
     for name in a.names:
-        timeout = a.timeout
-        if a.deadline is not None:
-            left = a.deadline - (time.perf_counter() - t_start)
-            if left < 20:
-                statuses[name] = {"status": f"skipped: no time left (--deadline {a.deadline:.0f} s)", "notes": []}
-                print(f"[iwm-bench] {name}: {statuses[name]['status']}", flush=True)
-                continue
-            timeout = min(timeout, left)
         print(f"[iwm-bench] {name} ({'isolated' if a.isolate else 'in process'}, {a.device}"
               f"{', quick' if a.quick else ''})", flush=True)
         t0 = time.perf_counter()
-        res = run_isolated(name, a.device, a.quick, timeout) if a.isolate else run_in_process(name, a.device, a.quick)
-        rows += res["rows"]
+        res = run_isolated(name, a.device, a.quick, csv_path) if a.isolate else run_in_process(
+            name, a.device, a.quick, csv_path)
         statuses[name] = {"status": res["status"], "notes": res.get("notes", [])}
         print(f"[iwm-bench] {name}: {res['status']} ({time.perf_counter() - t0:.0f} s wall)", flush=True)
         for n in res.get("notes", []):
             print(f"[iwm-bench]   {n}", flush=True)
-        _write_outputs(a.out, stem, rows, statuses, meta, args_line, plots=False)
-    paths = _write_outputs(a.out, stem, rows, statuses, meta, args_line, plots=not a.no_plots)
+        write_outputs(a.out, stem, statuses, meta, args_line, plots=False)
+    paths, rows = write_outputs(a.out, stem, statuses, meta, args_line, plots=not a.no_plots)
     print()
     print(report.console_table(rows, statuses))
     for key, path in paths.items():
         print(f"[iwm-bench] {key}: {path}")
-    return 0 if rows else 1
+    failed = [n for n, st in statuses.items() if st["status"].startswith("FAILED")]
+    for n in failed:
+        print(f"[iwm-bench] FAILED: {n}", flush=True)
+    return 1 if failed or not rows else 0
 
 
 if __name__ == "__main__":

@@ -62,6 +62,29 @@ def _walk_class(class_dir, root_real, visited, exts):
     return files
 
 
+def class_folders(root):
+    """The class folder names of an ImageFolder ``root``, sorted: its visible subfolders, less links to the
+    root or an ancestor (a loop; skipped with a warning)."""
+    root_real = os.path.realpath(root)
+    classes = []
+    for e in sorted(os.scandir(root), key=lambda e: e.name):
+        if e.name.startswith(".") or not e.is_dir():
+            continue
+        if e.is_symlink() and _inside(root_real, os.path.realpath(e.path)):
+            warnings.warn(f"not following class folder link {e.path}: it points to the data root or an "
+                          "ancestor (a loop)", SkippedLinkWarning, stacklevel=3)
+            continue
+        classes.append(e.name)
+    return classes
+
+
+def has_images(root, classes, extensions=IMAGE_EXTENSIONS):
+    """Whether any class folder holds an image file (walking the classes in turn until one does)."""
+    root_real, visited = os.path.realpath(root), {os.path.realpath(root)}
+    exts = tuple(e.lower() for e in extensions)
+    return any(_walk_class(os.path.join(root, name), root_real, visited, exts) for name in classes)
+
+
 class ImageFolder(Dataset):
     """``root/<class>/**/*.{jpg,jpeg,png}``; labels are the sorted class-folder names' positions.
 
@@ -85,15 +108,7 @@ class ImageFolder(Dataset):
         if not os.path.isdir(root):
             raise NotADirectoryError(f"ImageFolder root {root!r} is not a directory")
         root_real = os.path.realpath(root)
-        classes = []
-        for e in sorted(os.scandir(root), key=lambda e: e.name):
-            if e.name.startswith(".") or not e.is_dir():
-                continue
-            if e.is_symlink() and _inside(root_real, os.path.realpath(e.path)):
-                warnings.warn(f"not following class folder link {e.path}: it points to the data root or an "
-                              "ancestor (a loop)", SkippedLinkWarning, stacklevel=2)
-                continue
-            classes.append(e.name)
+        classes = class_folders(root)
         if not classes:
             raise ValueError(f"ImageFolder root {root!r} has no class subfolders (expected root/<class>/<image>)")
         exts = tuple(e.lower() for e in extensions)

@@ -6,6 +6,7 @@ from torch.utils.data import DataLoader
 
 from .collate import collate_skip_bad
 from .sampler import ResumableSampler
+from .workers import ignore_stop_signals, shutdown, stop_signals_held, track
 
 
 class ResumableLoader(DataLoader):
@@ -13,12 +14,16 @@ class ResumableLoader(DataLoader):
 
     So ``sampler.state_dict()`` taken between steps names the exact next sample, however far the workers
     have prefetched. When an epoch is exhausted the sampler moves to the next epoch; iterating again starts
-    it (``for batch in loader`` in an outer ``while`` loop runs forever over epochs).
+    it (``for batch in loader`` in an outer ``while`` loop runs forever over epochs). Its workers ignore
+    SIGTERM and SIGINT (``iwm_fast.data.workers``); ``close()`` stops them.
     """
 
     def __iter__(self):
         sampler = self.sampler
-        for batch in super().__iter__():
+        with stop_signals_held():
+            batches = super().__iter__()  # starts the workers on the first pass (they persist)
+        track(batches)
+        for batch in batches:
             if isinstance(batch, dict) and batch.get("num_skipped"):
                 self._count_distinct(batch)
             sampler.advance(self.batch_size)
@@ -39,6 +44,11 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self):
         return self.sampler.state_dict()
+
+    def close(self):
+        """Stop the persistent workers (a later iteration starts new ones)."""
+        shutdown(getattr(self, "_iterator", None))
+        self._iterator = None
 
 
 def build_loader(dataset, batch_size, *, rank=0, world_size=1, seed=0, num_workers=0, start_state=None,
@@ -64,7 +74,8 @@ def build_loader(dataset, batch_size, *, rank=0, world_size=1, seed=0, num_worke
         sampler.load_state_dict(start_state)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    workers = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if num_workers > 0 else {}
+    workers = dict(persistent_workers=True, prefetch_factor=prefetch_factor,
+                   worker_init_fn=ignore_stop_signals) if num_workers > 0 else {}
     loader = ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                              collate_fn=partial(collate_skip_bad, image_size=getattr(dataset, "image_size", None)),
                              drop_last=True, pin_memory=pin_memory, **workers)

@@ -41,7 +41,10 @@ class ResumableSampler(Sampler):
 
     State is ``(epoch, position)``: position counts this rank's samples already consumed in the epoch.
     Iteration starts at ``position``; ``advance(n)`` records consumption (``ResumableLoader`` calls it as it
-    hands out batches, so DataLoader prefetching does not count). The state is the same on every rank.
+    hands out batches, so DataLoader prefetching does not count). The state is the same on every rank, and
+    also says how many samples all ranks consumed (``samples_seen``): with ``drop_last`` a state resumes on
+    another number of ranks at the same place of the epoch's permutation, since the k-th micro-batches of
+    all ranks are the same slice of it whatever the rank count (see ``load_state_dict``).
     """
 
     def __init__(self, dataset_len, *, rank=0, world_size=1, seed=0, shuffle=True, drop_last=True,
@@ -112,17 +115,32 @@ class ResumableSampler(Sampler):
         return mask
 
     def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "dataset_len": self.dataset_len,
-                "world_size": self.world_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
+        return {"epoch": self.epoch, "position": self.position, "samples_seen": self.position * self.world_size,
+                "seed": self.seed, "dataset_len": self.dataset_len, "world_size": self.world_size,
+                "shuffle": self.shuffle, "drop_last": self.drop_last}
 
     def load_state_dict(self, state):
+        """Resume at a saved state, from this world size or another: ``samples_seen`` all ranks' samples
+        consumed, i.e. ``samples_seen / world_size`` of this rank's. Another world size needs ``drop_last`` (a
+        padded epoch's tail depends on it) and a count that splits evenly over the ranks (it does when the
+        global batch is the same)."""
         if not isinstance(state, dict) or "epoch" not in state or "position" not in state:
             raise ValueError(f"sampler state must be a dict with 'epoch' and 'position', got {state!r}")
-        for k in ("seed", "dataset_len", "world_size", "shuffle", "drop_last"):
+        for k in ("seed", "dataset_len", "shuffle", "drop_last"):
             if k in state and state[k] != getattr(self, k):
                 raise ValueError(f"sampler state was saved with {k}={state[k]!r} but this sampler has "
                                  f"{k}={getattr(self, k)!r}; the saved position would point at other samples")
-        epoch, pos = int(state["epoch"]), int(state["position"])
+        epoch, saved_world = int(state["epoch"]), int(state.get("world_size", self.world_size))
+        seen = int(state.get("samples_seen", int(state["position"]) * saved_world))
+        if saved_world != self.world_size:
+            if not self.drop_last:
+                raise ValueError(f"sampler state was saved with world_size={saved_world}; without drop_last it "
+                                 f"resumes on {saved_world} ranks only (the padded tail depends on the rank count)")
+            if seen % self.world_size:
+                raise ValueError(f"sampler state was saved with world_size={saved_world} after {seen} samples of "
+                                 f"epoch {epoch}, which do not split over {self.world_size} ranks; resume with the "
+                                 "same global batch size")
+        pos = seen // self.world_size
         if epoch < 0 or not 0 <= pos <= self.num_samples:
             raise ValueError(f"sampler state out of range: epoch {epoch}, position {pos} of {self.num_samples}")
         self.epoch, self.position = epoch, pos

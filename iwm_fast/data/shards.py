@@ -16,9 +16,12 @@ file list (``iwm-make-shards`` does) so that consecutive samples are not one cla
 
 A sample's index (its crop key, with the seed and epoch) is ``shard_number << 32 | ordinal`` over the sorted
 shard list. Unreadable samples (bad image, missing label) are skipped and named in a warning; a shard whose
-tar structure breaks is left at that point with a warning. Both count once, in the epoch 0 pass.
+tar structure breaks is left at that point with a warning, counting the samples its manifest says it lost.
+All count once, in the epoch 0 pass.
+
+A shard set is read only with its manifest (``iwm_fast.data.manifest``): without one, or with shards that
+do not match it, it is refused. The checkpoint's position holds every rank's streams (``merge_states``).
 """
-import glob
 import io
 import os
 import tarfile
@@ -29,6 +32,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..transforms.seeding import generator
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, UnreadableImageWarning, decode_center_crop, decode_random_crop
+from .manifest import shard_set
+from .workers import ignore_stop_signals, shutdown, start_workers
 
 IMAGE_KEYS = ("jpg", "jpeg", "png")
 ORDINAL_BITS = 32
@@ -36,22 +41,18 @@ _SHARD_ORDER_SALT = 0x5A4D  # keys the shard permutation apart from the crops' (
 
 
 def list_shards(root):
-    """Sorted tar paths of ``root``: a folder (its ``*.tar``), a tar file, or a comma-separated list of both."""
-    parts = [p.strip() for p in str(root).split(",") if p.strip()]
-    if not parts:
-        raise ValueError("data.dataset=shards needs data.root: a folder of .tar shards, or a comma list of them")
-    paths = []
-    for p in parts:
-        if os.path.isdir(p):
-            found = sorted(glob.glob(os.path.join(glob.escape(p), "*.tar")))
-            if not found:
-                raise ValueError(f"shard folder {p!r} holds no .tar files")
-            paths += found
-        elif os.path.isfile(p):
-            paths.append(p)
-        else:
-            raise FileNotFoundError(f"shard path {p!r} does not exist")
-    return sorted(dict.fromkeys(os.path.abspath(p) for p in paths))
+    """Sorted tar paths of ``root`` (a folder, a tar file, or a comma-separated list of both), each checked
+    against its folder's manifest (``iwm_fast.data.manifest.shard_set``)."""
+    return list(shard_set(root).paths)
+
+
+def too_few_shards(num_shards, world_size, streams):
+    """Why ``num_shards`` cannot feed every loader stream of every rank (each reads its own shards), or None."""
+    if num_shards >= world_size * streams:
+        return None
+    return (f"{num_shards} shards cannot feed {world_size} ranks x {streams} loader workers (each reads its own "
+            f"shards); write at least {world_size * streams} shards (iwm-make-shards --shard-size) or lower "
+            "data.num_workers")
 
 
 def read_samples(path, start=0):
@@ -102,15 +103,15 @@ class ShardDataset(IterableDataset):
                  streams=1, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-        self.paths = list_shards(root)
+        self.shard_set = shard_set(root)
+        self.paths = list(self.shard_set.paths)
         if len(self.paths) >= 1 << (63 - ORDINAL_BITS):
             raise ValueError(f"too many shards ({len(self.paths)})")
         if not 0 <= rank < world_size or streams < 1:
             raise ValueError(f"need 0 <= rank < world_size and streams >= 1, got {rank}, {world_size}, {streams}")
-        if len(self.paths) < world_size * streams:
-            raise ValueError(f"{len(self.paths)} shards cannot feed {world_size} ranks x {streams} loader workers "
-                             f"(each reads its own shards); write at least {world_size * streams} shards "
-                             f"(iwm-make-shards --shard-size) or lower data.num_workers")
+        problem = too_few_shards(len(self.paths), world_size, streams)
+        if problem:
+            raise ValueError(problem)
         self.root, self.image_size, self.crop, self.seed = root, image_size, bool(crop), int(seed)
         self.crop_scale, self.max_image_pixels = tuple(crop_scale), max_image_pixels
         self.rank, self.world_size, self.streams = rank, world_size, streams
@@ -131,8 +132,9 @@ class ShardDataset(IterableDataset):
         except (KeyError, ValueError, UnicodeDecodeError):
             label = None
         if data is None or label is None:
-            what = "no image member" if data is None else "no readable .cls label"
-            warnings.warn(f"skipping unreadable shard sample {name}: {what}", UnreadableImageWarning, stacklevel=2)
+            what = ("it has no image member" if data is None else
+                    "it has no .cls label (a readable image, but every sample needs its label)")
+            warnings.warn(f"skipping shard sample {name}: {what}", UnreadableImageWarning, stacklevel=2)
             return None
         index = shard << ORDINAL_BITS | ordinal
         src = _named_bytes(data, name)
@@ -159,13 +161,51 @@ class ShardDataset(IterableDataset):
         k0, o0 = self.positions.get(stream, (0, 0))
         for k in range(k0, len(shards)):
             sid = shards[k]
+            reached = o0 if k == k0 else 0  # samples of this shard read so far
             try:
-                for ordinal, key, group in read_samples(self.paths[sid], o0 if k == k0 else 0):
-                    yield self.decode(sid, ordinal, key, group, epoch), stream, k, ordinal + 1, int(epoch == 0)
+                for ordinal, key, group in read_samples(self.paths[sid], reached):
+                    reached = ordinal + 1
+                    yield self.decode(sid, ordinal, key, group, epoch), stream, k, reached, int(epoch == 0)
             except (tarfile.TarError, OSError, EOFError) as err:
-                warnings.warn(f"skipping the rest of broken shard {self.paths[sid]}: {type(err).__name__}: {err}",
-                              UnreadableImageWarning, stacklevel=2)
-                yield None, stream, k + 1, 0, int(epoch == 0)
+                lost = max(0, self.shard_set.samples[sid] - reached)  # 0: it broke after its last sample
+                warnings.warn(f"skipping the rest of broken shard {self.paths[sid]} after sample {reached}: "
+                              f"{lost} of its {self.shard_set.samples[sid]} samples lost ({type(err).__name__}: "
+                              f"{err})", UnreadableImageWarning, stacklevel=2)
+                yield None, stream, k + 1, 0, lost * int(epoch == 0)
+                continue
+            if reached < self.shard_set.samples[sid]:  # cut at a member boundary: the tar reads as shorter
+                lost = self.shard_set.samples[sid] - reached
+                warnings.warn(f"shard {self.paths[sid]} ended after sample {reached}: {lost} of its "
+                              f"{self.shard_set.samples[sid]} samples lost (truncated?)", UnreadableImageWarning,
+                              stacklevel=2)
+                yield None, stream, k + 1, 0, lost * int(epoch == 0)
+
+
+_RANK_KEYS = ("epoch", "next_stream", "positions")
+
+
+def identity_mismatch(saved, now):
+    """What makes a saved shard position unusable under ``now`` (a ``_identity()``), or None."""
+    def workers(streams):
+        return "0 or 1" if streams == 1 else str(streams)
+
+    for k, v in now.items():
+        was = saved.get(k)
+        if was == v or (k == "set_digest" and k not in saved):  # saved before positions named the contents
+            continue
+        if k == "world_size":
+            return (f"the run's shard position was saved by {was} processes and this run has {v}: the shard "
+                    f"order depends on the number of processes, so a shard run resumes on {was} processes only")
+        if k == "streams":
+            return (f"the run's shard position was saved with data.num_workers={workers(was)} and this run has "
+                    f"data.num_workers={workers(v)}: the shard order depends on it; resume with "
+                    f"data.num_workers={workers(was)}")
+        if k in ("num_shards", "set_digest"):
+            then = f"{was} shards then, {v} now" if k == "num_shards" else "other shard contents now"
+            return (f"the shard set changed since the run's last checkpoint ({then}): the saved position would "
+                    "point at other samples; restore the set as it was, or pick another train.out_dir")
+        return f"the run's shard position was saved with {k}={was!r} but this run has {v!r}"
+    return None
 
 
 def collate_shard_items(items, image_size=None):
@@ -174,17 +214,19 @@ def collate_shard_items(items, image_size=None):
 
     batch = collate_skip_bad([it[0] for it in items], image_size)
     batch["stream_position"] = tuple(items[-1][1:4])
-    batch["num_skipped"] = sum(it[4] for it in items if it[0] is None)
+    batch["num_skipped"] = sum(it[4] for it in items if it[0] is None)  # a broken shard: the samples it lost
     return batch
 
 
 class ShardLoader:
     """Endless-epoch iteration over a ``ShardDataset``: each ``for batch in loader`` is the rest of one epoch.
 
-    ``state_dict()`` between batches names the exact next sample of every stream and the stream whose batch
-    comes next; ``start_state`` resumes there. Workers are started per epoch (their dataset copy carries the
-    epoch and positions), and on resume worker w reads stream ``(w + next_stream) % K``, so that the
-    DataLoader's in-order round robin, which starts at worker 0, continues the interrupted order.
+    ``state_dict()`` between batches names the exact next sample of every stream of this rank and the stream
+    whose batch comes next; ``merge_states`` joins all ranks' into the checkpoint's position, from which
+    ``start_state`` resumes each rank. Workers are started per epoch (their dataset copy carries the epoch
+    and positions), and on resume worker w reads stream ``(w + next_stream) % K``, so that the DataLoader's
+    in-order round robin, which starts at worker 0, continues the interrupted order. Workers ignore SIGTERM
+    and SIGINT (``iwm_fast.data.workers``).
     """
 
     def __init__(self, dataset, batch_size, *, num_workers=0, start_state=None, pin_memory=None,
@@ -202,21 +244,29 @@ class ShardLoader:
 
     def _identity(self):
         d = self.dataset
-        return {"num_shards": len(d.paths), "seed": d.seed, "world_size": d.world_size, "streams": d.streams}
+        return {"num_shards": len(d.paths), "seed": d.seed, "world_size": d.world_size, "streams": d.streams,
+                "set_digest": d.shard_set.digest}
 
     def state_dict(self):
+        """This rank's position (``merge_states`` of every rank's is what a checkpoint holds)."""
         return {"kind": "shards", "epoch": self.epoch, "next_stream": self.next_stream,
                 "positions": {str(s): list(p) for s, p in self.positions.items()}, **self._identity()}
+
+    @staticmethod
+    def merge_states(states):
+        """One position for the checkpoint from every rank's ``state_dict()`` (in rank order)."""
+        identity = {k: v for k, v in states[0].items() if k not in _RANK_KEYS}
+        return {**identity, "ranks": [{k: s[k] for k in _RANK_KEYS} for s in states]}
 
     def load_state_dict(self, state):
         if not isinstance(state, dict) or state.get("kind") != "shards":
             raise ValueError("the checkpoint's data position is not a shard position (was the run trained on "
                              "another data.dataset?)")
-        for k, v in self._identity().items():
-            if state.get(k) != v:
-                what = "data.num_workers" if k == "streams" else k
-                raise ValueError(f"the checkpoint's shard position was saved with {what}={state.get(k)!r} but "
-                                 f"this run has {v!r}; the saved position would point at other samples")
+        problem = identity_mismatch(state, self._identity())
+        if problem:
+            raise ValueError(problem)
+        if "ranks" in state:  # else one rank's position, as checkpoints held before every rank's was kept
+            state = {**state, **state["ranks"][self.dataset.rank]}
         self.epoch, self.next_stream = int(state["epoch"]), int(state["next_stream"])
         self.positions = {int(s): (int(p[0]), int(p[1])) for s, p in state["positions"].items()}
 
@@ -228,11 +278,20 @@ class ShardLoader:
         ds = self.dataset
         ds.epoch, ds.positions, ds.rotation = self.epoch, dict(self.positions), self.next_stream
         extra = dict(prefetch_factor=self.prefetch_factor) if self.num_workers > 0 else {}
+        if self.num_workers > 0:
+            extra["worker_init_fn"] = ignore_stop_signals
         loader = DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             collate_fn=partial(collate_shard_items, image_size=ds.image_size), **extra)
-        for batch in loader:
+        self._batches = start_workers(loader)
+        for batch in self._batches:
             stream, k, ordinal = batch.pop("stream_position")
             self.positions[stream] = (k, ordinal)
             self.next_stream = (stream + 1) % ds.streams
             yield batch
+        self._batches = None
         self.epoch, self.positions, self.next_stream = self.epoch + 1, {}, 0
+
+    def close(self):
+        """Stop this epoch's workers (iterating again starts new ones)."""
+        shutdown(getattr(self, "_batches", None))
+        self._batches = None

@@ -1,7 +1,7 @@
 """Multi-head self-attention layer, parameter-compatible with I-JEPA and timm (``qkv`` and ``proj``)."""
 import torch.nn as nn
 
-from ..ops.attention import attention
+from ..ops.attention import attention_qkv
 
 
 class Attention(nn.Module):
@@ -18,6 +18,7 @@ class Attention(nn.Module):
 
     def forward(self, x, key_lengths=None):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = attention(q, k, v, scale=self.scale, key_lengths=key_lengths, backend=self.backend)
+        # The packed projection goes to the op whole: the Triton backward writes its gradient in this layout.
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        out = attention_qkv(qkv, scale=self.scale, key_lengths=key_lengths, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))

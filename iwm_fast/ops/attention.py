@@ -12,6 +12,9 @@ Backends:
 - ``"auto"``: triton on CUDA (sdpa for inputs the kernel does not take: float64 or D > 256, or without
   triton), sdpa elsewhere (``iwm_fast.ops.dispatch``).
 
+``attention_qkv(qkv)`` takes q, k, v packed as one projection [B, N, 3, H, D]; with the Triton kernel its
+backward writes the packed gradient directly (``iwm_fast::attention_qkv_fwd`` / ``_bwd``). The layers use it.
+
 ``key_lengths`` ([B] integer tensor, each in [0, Nk]) makes keys at index >= key_lengths[b] invisible to every
 query of sample b, whatever they hold (NaN included); a sample with key length 0 gets a zero output and zero
 gradients on every backend.
@@ -142,15 +145,71 @@ def _backward(ctx, grad_out, grad_lse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def split_qkv(qkv):
+    """q, k, v [B, H, N, D] as views of a packed projection qkv [B, N, 3, H, D] (the qkv linear's output)."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@torch.library.custom_op("iwm_fast::attention_qkv_fwd", mutates_args=())
+def attention_qkv_fwd(qkv: Tensor, scale: float, key_lengths: Optional[Tensor],
+                      block_causal: int = 0) -> tuple[Tensor, Tensor]:
+    from ..kernels.attention import attention_forward
+
+    return attention_forward(*split_qkv(qkv), scale, key_lengths, block_causal)
+
+
+@attention_qkv_fwd.register_fake
+def _attention_qkv_fwd_fake(qkv, scale, key_lengths, block_causal=0):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty((B, N, H, D)).transpose(1, 2), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("iwm_fast::attention_qkv_bwd", mutates_args=())
+def attention_qkv_bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float,
+                      key_lengths: Optional[Tensor], block_causal: int = 0) -> Tensor:
+    """The gradient of qkv [B, N, 3, H, D], written by the kernels straight into its three slices."""
+    from ..kernels.attention import attention_backward
+
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    attention_backward(grad_out, *split_qkv(qkv), out, lse, scale, key_lengths, block_causal,
+                       grads=split_qkv(dqkv))
+    return dqkv
+
+
+@attention_qkv_bwd.register_fake
+def _attention_qkv_bwd_fake(grad_out, qkv, out, lse, scale, key_lengths, block_causal=0):
+    return qkv.new_empty(qkv.shape)
+
+
+def _qkv_setup_context(ctx, inputs, output):
+    qkv, scale, key_lengths, block_causal = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, key_lengths)
+    ctx.scale = scale
+    ctx.block_causal = block_causal
+
+
+def _qkv_backward(ctx, grad_out, grad_lse):
+    qkv, out, lse, key_lengths = ctx.saved_tensors
+    return attention_qkv_bwd(grad_out, qkv, out, lse, ctx.scale, key_lengths, ctx.block_causal), None, None, None
+
+
+attention_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+
+
 # ---- backends ------------------------------------------------------------------------------------------
 
-def _run_triton(q, k, v, scale, key_lengths, block_causal=0):
+def _check_triton(q):
     if q.dtype not in _TRITON_DTYPES:
         raise TypeError(f"attention: backend='triton' supports float16, bfloat16 and float32, got {q.dtype}")
     if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
         raise ValueError(f"attention: backend='triton' supports head dims up to {_TRITON_MAX_HEAD_DIM}, "
                          f"got D={q.shape[-1]}; use backend='sdpa'")
     use_triton("attention", "triton", q.device)  # raises with the reason when the kernel cannot run here
+
+
+def _run_triton(q, k, v, scale, key_lengths, block_causal=0):
+    _check_triton(q)
     out, _ = attention_fwd(q, k, v, float(scale), key_lengths, block_causal)
     return out
 
@@ -245,6 +304,12 @@ _RUNNERS = {"triton": _run_triton, "sdpa": _run_sdpa, "eager": _run_eager, "flas
             "xformers": _run_xformers}
 
 
+def _resolve(backend, q):
+    if backend == "auto":
+        return "triton" if use_triton("attention", "auto", q.device, supported=_triton_takes(q)) else "sdpa"
+    return backend
+
+
 def attention(q, k, v, *, scale=None, key_lengths=None, block_causal=None, backend="auto"):
     """softmax(q @ k^T * scale) @ v over [B, H, N, D] tensors; ``scale`` defaults to D ** -0.5.
 
@@ -254,6 +319,27 @@ def attention(q, k, v, *, scale=None, key_lengths=None, block_causal=None, backe
     block = check_block_causal(block_causal)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if backend == "auto":
-        backend = "triton" if use_triton("attention", "auto", q.device, supported=_triton_takes(q)) else "sdpa"
-    return _RUNNERS[backend](q, k, v, scale, key_lengths, block)
+    return _RUNNERS[_resolve(backend, q)](q, k, v, scale, key_lengths, block)
+
+
+def attention_qkv(qkv, *, scale=None, key_lengths=None, block_causal=None, backend="auto"):
+    """``attention`` of the q, k, v packed in one projection ``qkv`` [B, N, 3, H, D] (the qkv linear's output
+    viewed so); returns [B, H, N, D] as ``attention`` does.
+
+    With the Triton kernel the backward writes the packed gradient [B, N, 3, H, D] itself, so autograd neither
+    stacks dq, dk, dv nor copies them back into the projection's layout (two passes over 3 x [B, N, C] each)."""
+    check_backend("attention_qkv", backend, BACKENDS)
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError("attention_qkv: qkv must be a [B, N, 3, H, D] tensor, got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    q, k, v = split_qkv(qkv)
+    check_layout(q, k, v, key_lengths)
+    block = check_block_causal(block_causal)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    backend = _resolve(backend, q)
+    if backend != "triton":
+        return _RUNNERS[backend](q, k, v, scale, key_lengths, block)
+    _check_triton(q)
+    out, _ = attention_qkv_fwd(qkv, float(scale), key_lengths, block)
+    return out

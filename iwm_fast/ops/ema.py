@@ -16,6 +16,10 @@ Dispatch (``iwm_fast.ops.dispatch``): ``auto`` on CUDA (or ``triton``, on the CP
 (target dtype, online dtype, alignment) group, i.e. one launch for a plain fp32 or bf16 model, whatever its
 parameter count. Other CPU runs use ``torch._foreach`` ops with the same formula. The update is registered
 as the custom op ``iwm_fast::ema_update_`` (mutating its targets) so ``torch.compile`` traces it.
+
+Host time: the checks, the grouping and the kernel's address tables are built once per (target, online) pair
+and reused while the parameters stay in place (``iwm_fast.ops.ema_plan`` says what it checks on each call), so
+an eager call costs a pass over the parameters' addresses and the launches.
 """
 import numbers
 from collections import OrderedDict
@@ -26,9 +30,10 @@ from torch import Tensor
 
 from ..backends import EMA as BACKENDS
 from .dispatch import check_backend, use_triton
+from .ema_plan import cached_plan
 
-_TABLE_CACHE = OrderedDict()  # (device, dtypes, aligned, ((t_ptr, o_ptr, numel), ...)) -> device tables
-_TABLE_CACHE_SIZE = 16
+_WORK_CACHE = OrderedDict()  # (triton, ((t_ptr, o_ptr, numel, dtypes), ...)) -> the op path's _Work
+_WORK_CACHE_SIZE = 4
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -107,66 +112,70 @@ def _check_range(m):
         raise ValueError(f"ema_update_: momentum must be in [0, 1], got {m}")
 
 
-def _tables(kernels, group, device, key_head):
-    key = key_head + (tuple((t.data_ptr(), o.data_ptr(), t.numel()) for t, o in group),)
-    tables = _TABLE_CACHE.get(key)
-    if tables is None:
-        tables = kernels.build_tables(group, device)
-        _TABLE_CACHE[key] = tables
-        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
-    else:
-        _TABLE_CACHE.move_to_end(key)
-    return tables
-
-
-def _torch_update(pairs, m_tensor, m_value):
-    """Same formula with PyTorch ops: _foreach for same-dtype fp32/fp64 pairs, per tensor otherwise."""
-    if not pairs:
-        return
+def _torch_update(exact, rest, m_tensor, m_value):
+    """Same formula with PyTorch ops: _foreach over the same-dtype fp32/fp64 pairs ``exact`` (two lists),
+    per tensor over the pairs ``rest``."""
     m = m_tensor if m_tensor is not None else m_value
     omm = 1 - m_tensor if m_tensor is not None else 1.0 - m_value
-    exact = [(t, o) for t, o in pairs if t.dtype == o.dtype and t.dtype in (torch.float32, torch.float64)]
-    rest = [(t, o) for t, o in pairs if not (t.dtype == o.dtype and t.dtype in (torch.float32, torch.float64))]
-    if exact:
-        ts, os_ = [t for t, _ in exact], [o for _, o in exact]
-        torch._foreach_mul_(ts, m)
-        torch._foreach_add_(ts, torch._foreach_mul(os_, omm))
+    if exact[0]:
+        torch._foreach_mul_(exact[0], m)
+        torch._foreach_add_(exact[0], torch._foreach_mul(exact[1], omm))
     for t, o in rest:
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
         t.copy_(t.to(acc) * m + o.to(acc) * omm)
 
 
-def _update(targets, onlines, momentum, momentum_value, triton):
-    pairs = [(t, o) for t, o in zip(targets, onlines) if t.numel() > 0]
-    if not pairs:
-        return
-    device = pairs[0][0].device
-    if any(t.device != device for t, _ in pairs):
-        raise ValueError("ema_update_: all parameters must be on one device")
-    if not triton:
-        _torch_update(pairs, momentum, momentum_value)
-        return
-    from ..kernels import ema as ke  # imports triton; lazy so the CPU PyTorch path never needs it
+class _Work:
+    """One update's fixed work over validated pairs: a kernel launch per (target dtype, online dtype,
+    alignment) group with its device address tables, and the pairs the PyTorch path takes (all of them
+    without the kernel; else the rare non-contiguous or fp64 ones)."""
 
-    groups, slow = {}, []
-    for t, o in pairs:
-        dense = t.is_contiguous() and o.is_contiguous()
-        if not dense or t.dtype not in ke.KERNEL_DTYPES or o.dtype not in ke.KERNEL_DTYPES:
-            slow.append((t, o))  # rare: non-contiguous or fp64 parameters
-            continue
-        aligned = t.data_ptr() % 16 == 0 and o.data_ptr() % 16 == 0
-        groups.setdefault((t.dtype, o.dtype, aligned), []).append((t, o))
-    for (td, od, aligned), group in groups.items():
-        tables = _tables(ke, group, device, (str(device), td, od, aligned))
-        ke.ema_launch(tables, td, od, aligned, momentum, momentum_value)
-    _torch_update(slow, momentum, momentum_value)
+    def __init__(self, pairs, triton):
+        pairs = [(t, o) for t, o in pairs if t.numel() > 0]
+        self.pairs, self.triton, self.launches = pairs, triton, []
+        self.device = pairs[0][0].device if pairs else None
+        if any(t.device != self.device for t, _ in pairs):
+            raise ValueError("ema_update_: all parameters must be on one device")
+        rest = pairs
+        if triton and pairs:
+            from ..kernels import ema as ke  # imports triton; lazy so the CPU PyTorch path never needs it
+
+            self.kernels, groups, rest = ke, {}, []
+            for t, o in pairs:
+                if not (t.is_contiguous() and o.is_contiguous()) or {t.dtype, o.dtype} - set(ke.KERNEL_DTYPES):
+                    rest.append((t, o))
+                    continue
+                aligned = t.data_ptr() % 16 == 0 and o.data_ptr() % 16 == 0
+                groups.setdefault((t.dtype, o.dtype, aligned), []).append((t, o))
+            self.launches = [(ke.build_tables(g, self.device), *key) for key, g in groups.items()]
+        same = [(t, o) for t, o in rest if t.dtype == o.dtype and t.dtype in (torch.float32, torch.float64)]
+        self.exact = ([t for t, _ in same], [o for _, o in same])
+        self.rest = [(t, o) for t, o in rest if not (t.dtype == o.dtype and t.dtype in (torch.float32, torch.float64))]
+
+    def run(self, m_tensor, m_value):
+        for tables, t_dtype, o_dtype, aligned in self.launches:
+            self.kernels.ema_launch(tables, t_dtype, o_dtype, aligned, m_tensor, m_value)
+        _torch_update(self.exact, self.rest, m_tensor, m_value)
+
+
+def _work_for(pairs, triton):
+    """The op path's work (torch.compile): cached by the pairs' addresses and sizes."""
+    key = (triton, tuple((t.data_ptr(), o.data_ptr(), t.numel(), t.dtype, o.dtype) for t, o in pairs))
+    work = _WORK_CACHE.get(key)
+    if work is None:
+        work = _WORK_CACHE[key] = _Work(pairs, triton)
+        if len(_WORK_CACHE) > _WORK_CACHE_SIZE:
+            _WORK_CACHE.popitem(last=False)
+    else:
+        _WORK_CACHE.move_to_end(key)
+    return work
 
 
 @torch.library.custom_op("iwm_fast::ema_update_", mutates_args=("targets",))
 def _ema_op(targets: list[Tensor], onlines: list[Tensor], momentum: Optional[Tensor],
             momentum_value: float, triton: bool) -> None:
-    _update(targets, onlines, momentum, None if momentum is not None else momentum_value, triton)
+    work = _work_for(list(zip(targets, onlines)), triton)
+    work.run(momentum, None if momentum is not None else momentum_value)
 
 
 @_ema_op.register_fake
@@ -184,23 +193,42 @@ def _reference_update(pairs, m_tensor, m_value, backend):
         t.mul_(m).add_((1 - m) * o)
 
 
-def ema_update_(target, online, momentum, *, backend="auto"):
-    """target <- m * target + (1 - m) * online, for modules or parameter lists (FSDP2 DTensors: local shards).
-
-    ``backend``: ``auto`` (the fused kernel on CUDA, ``_foreach`` ops with the same formula elsewhere),
-    ``triton``, or the unfused references ``foreach`` (``torch._foreach_lerp_``) and ``loop`` (I-JEPA's)."""
-    check_backend("ema_update_", backend, BACKENDS)
+def _compiled_update(target, online, momentum, backend):
+    # Under torch.compile: the op (traced as one node), its work cached by the parameters' addresses.
     pairs = _pairs(target, online)
     if not pairs:
         return
     m_tensor, m_value = _momentum(momentum, pairs[0][0].device)
+    triton = use_triton("ema_update_", backend, pairs[0][0].device)
+    _ema_op([t for t, _ in pairs], [o for _, o in pairs], m_tensor, 0.0 if m_value is None else m_value, triton)
+
+
+def ema_update_(target, online, momentum, *, backend="auto"):
+    """target <- m * target + (1 - m) * online, for modules or parameter lists (FSDP2 DTensors: local shards).
+
+    ``backend``: ``auto`` (the fused kernel on CUDA, ``_foreach`` ops with the same formula elsewhere),
+    ``triton``, or the unfused references ``foreach`` (``torch._foreach_lerp_``) and ``loop`` (I-JEPA's).
+    The validated pairs, their grouping and the kernel's address tables are built once per (target, online)
+    and reused while the parameters stay where they are (``iwm_fast.ops.ema_plan``)."""
+    check_backend("ema_update_", backend, BACKENDS)
     with torch.no_grad():
         if backend in ("foreach", "loop"):
-            _reference_update(pairs, m_tensor, m_value, backend)
+            pairs = _pairs(target, online)
+            if pairs:
+                _reference_update(pairs, *_momentum(momentum, pairs[0][0].device), backend)
             return
-        triton = use_triton("ema_update_", backend, pairs[0][0].device)
-        targets, onlines = [t for t, _ in pairs], [o for _, o in pairs]
         if torch.compiler.is_compiling():
-            _ema_op(targets, onlines, m_tensor, 0.0 if m_value is None else m_value, triton)
-        else:  # eager: skip the dispatcher's boxing of hundreds of tensors
-            _update(targets, onlines, m_tensor, m_value, triton)
+            _compiled_update(target, online, momentum, backend)
+            return
+
+        def build(t, o):
+            pairs = _pairs(t, o)
+            return _Work(pairs, bool(pairs) and use_triton("ema_update_", backend, pairs[0][0].device))
+
+        work = cached_plan(target, online, backend, build).work
+        if work.device is None:
+            return
+        m_tensor, m_value = _momentum(momentum, work.device)
+        if use_triton("ema_update_", backend, work.device) != work.triton:  # the interpreter switched since
+            work = _Work(work.pairs, not work.triton)
+        work.run(m_tensor, m_value)

@@ -16,9 +16,10 @@ channels each (head dim 64: 20 + 20 + 20, 4 unrotated).
 Positions ``pos`` are [N, A] or [B, N, A] (A = len(axes), any real dtype, computed in float32), so a masked
 subset of tokens rotates by its true grid positions. They take no gradient.
 
-Backends: ``triton`` runs one fused pass per tensor (``kernels/rope.py``; ``iwm_fast::rope`` op, its backward the
-transposed rotation, also an op), ``torch`` the same arithmetic in PyTorch (float32 angles, as V-JEPA 2 in
-float32), ``auto`` triton on CUDA. ``rope_attention`` rotates q and k and then runs ``ops.attention``.
+Backends: ``triton`` runs one fused pass (``kernels/rope.py``; the ``iwm_fast::rope`` op for one tensor,
+``iwm_fast::rope_qk`` for q and k in one launch; each op's backward is the transposed rotation, the same op),
+``torch`` the same arithmetic in PyTorch (float32 angles, as V-JEPA 2 in float32), ``auto`` triton on CUDA.
+``rope_attention`` rotates q and k (one launch for both) and then runs ``ops.attention``.
 """
 from typing import Optional
 
@@ -132,10 +133,14 @@ def rope_op(x: Tensor, pos: Tensor, axis: Tensor, inv_freq: Tensor, transpose: b
     return rope_apply(x, pos, axis, inv_freq, transpose)
 
 
-@rope_op.register_fake
-def _rope_fake(x, pos, axis, inv_freq, transpose):
+def _kernel_layout(x):
     B, H, N, D = x.shape
     return x.new_empty((B, N, H, D)).transpose(1, 2)  # the kernel's layout: [B, N, H, D] viewed as [B, H, N, D]
+
+
+@rope_op.register_fake
+def _rope_fake(x, pos, axis, inv_freq, transpose):
+    return _kernel_layout(x)
 
 
 def _rope_setup(ctx, inputs, output):
@@ -150,6 +155,35 @@ def _rope_backward(ctx, grad):
 
 
 rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
+
+
+@torch.library.custom_op("iwm_fast::rope_qk", mutates_args=())
+def rope_qk_op(q: Tensor, k: Tensor, pos: Tensor, axis: Tensor, inv_freq: Tensor,
+               transpose: bool) -> tuple[Tensor, Tensor]:
+    """q and k ([B, H, N, D], same shape) rotated in one launch: the angles are computed once for both."""
+    from ..kernels.rope import rope_apply
+
+    return rope_apply(q, pos, axis, inv_freq, transpose, x2=k)
+
+
+@rope_qk_op.register_fake
+def _rope_qk_fake(q, k, pos, axis, inv_freq, transpose):
+    return _kernel_layout(q), _kernel_layout(k)
+
+
+def _rope_qk_backward(ctx, grad_q, grad_k):
+    pos, axis, inv_freq = ctx.saved_tensors
+    dq, dk = rope_qk_op(grad_q, grad_k, pos, axis, inv_freq, not ctx.transpose)
+    return dq, dk, None, None, None, None
+
+
+def _rope_qk_setup(ctx, inputs, output):
+    _, _, pos, axis, inv_freq, transpose = inputs
+    ctx.save_for_backward(pos, axis, inv_freq)
+    ctx.transpose = transpose
+
+
+rope_qk_op.register_autograd(_rope_qk_backward, setup_context=_rope_qk_setup)
 
 
 def _rotate(x, pos, axis, inv_freq, triton):
@@ -192,7 +226,8 @@ def rope_attention(q, k, v, pos, *, axes, layout="vjepa2", base=10000.0, scale=N
     pos, axis, inv_freq = _prepare(q, pos, axes, layout, base)
     if backend == "auto":
         backend = "triton" if use_triton("attention", "auto", q.device, supported=_triton_takes(q)) else "sdpa"
-    triton = backend == "triton"
-    q = _rotate(q, pos, axis, inv_freq, triton)
-    k = _rotate(k, pos, axis, inv_freq, triton)
+    if backend == "triton":
+        q, k = rope_qk_op(q, k, pos, axis, inv_freq, False)
+    else:
+        q, k = _rope_torch(q, pos, axis, inv_freq), _rope_torch(k, pos, axis, inv_freq)
     return attention(q, k, v, scale=scale, key_lengths=key_lengths, block_causal=block_causal, backend=backend)

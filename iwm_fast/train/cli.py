@@ -46,6 +46,17 @@ def train_main(argv=None):
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     _setup_logging()
+    from .stop_signal import Interrupted, raise_on_stop_signals
+
+    try:
+        with raise_on_stop_signals():  # the loop handles SIGTERM/SIGINT itself; outside it: one line
+            return _train_command(parser, args)
+    except Interrupted as e:
+        logging.getLogger("iwm_fast").warning("%s", e)
+        return e.exit_code
+
+
+def _train_command(parser, args):
     try:
         cfg = load_config(args.config, args.overrides)
         check_environment(cfg)
@@ -54,8 +65,9 @@ def train_main(argv=None):
     from .distributed import leave_process_group
     from .guard import NonFiniteLossError
     from .loop import train
-    from .stop_signal import EXIT_CODE, StopRequested
+    from .stop_signal import StopRequested, watch_launcher
 
+    watch_launcher(cfg.train.term_grace_s)
     try:
         run_dir = train(cfg)
     except NonFiniteLossError as e:
@@ -63,7 +75,7 @@ def train_main(argv=None):
         return 3
     except StopRequested as e:
         logging.getLogger("iwm_fast").warning("%s", e)
-        return EXIT_CODE
+        return e.exit_code
     except _user_errors() as e:
         _fail(parser, e)
     except OSError as e:

@@ -1,5 +1,6 @@
-"""What a run's config asks of this machine, checked before anything is written: the data root, the device, and a
-global batch that splits evenly over the ranks torchrun will start."""
+"""What a run's config asks of this machine, checked before anything is written: the run directory, the data
+(the registry's checks, against the run's saved data position), the device, and a global batch that splits
+evenly over the ranks torchrun will start."""
 import os
 
 from ..config import ConfigError
@@ -14,15 +15,22 @@ def world_size_from_env():
         raise ConfigError(f"environment variable WORLD_SIZE={raw!r} is not an integer") from None
 
 
+def _check_out_dir(out_dir):
+    if not out_dir.strip():
+        raise ConfigError("train.out_dir is empty; give the run directory (a folder to create or to resume)")
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):  # the nearest existing ancestor must be a folder to create the rest in
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        what = "is a file" if path == os.path.abspath(out_dir) else f"is inside {path}, which is a file"
+        raise ConfigError(f"train.out_dir {out_dir} {what}, not a folder; give a run directory")
+
+
 def check_environment(cfg, world_size=None):
-    """What the config asks of this machine: the data root, the device, and a batch that splits evenly."""
-    d, t = cfg.data, cfg.train
-    if d.dataset == "imagefolder":
-        if not d.root:
-            raise ConfigError("data.root must be set for data.dataset=imagefolder (a folder of class subfolders)")
-        if not os.path.isdir(d.root):
-            what = "is not a folder" if os.path.exists(d.root) else "does not exist"
-            raise ConfigError(f"data.root {d.root} {what}")
+    """What the config asks of this machine: the run directory, the data, the device, and a batch that splits
+    evenly."""
+    t = cfg.train
+    _check_out_dir(t.out_dir)
     if t.device == "cuda":
         import torch
 
@@ -32,3 +40,6 @@ def check_environment(cfg, world_size=None):
     if t.batch_size % (world * t.accum_steps):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the world size {world} x "
                           f"train.accum_steps={t.accum_steps} = {world * t.accum_steps}")
+    from .data import check_data
+
+    check_data(cfg, world)

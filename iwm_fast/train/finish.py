@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from ..run_lock import outputs_lock
+from .stop_signal import exit_on_stop_signals
 
 log = logging.getLogger("iwm_fast")
 
@@ -42,19 +43,22 @@ def write_export(run, state, record):
 def finish(cfg, model, run, rank, checkpoint):
     """Export the target encoder, then evaluate (rank 0), of the final ``checkpoint`` (its folder); each output
     already written from that checkpoint is kept."""
-    state = ckpt.full_model_state(model)
-    if rank == 0:
-        record = run.checkpoint_record(checkpoint)
-        todo = outdated_outputs(cfg, run, record)
-        if os.path.basename(run.export_path) in todo:
-            write_export(run, state, record)
-        if os.path.basename(run.eval_path) in todo:
-            from .evaluate import evaluate_run
-            evaluate_run(run, cfg=cfg, model_state=state, record=record)
-        elif not cfg.eval.enabled:
-            _warn_stale_eval(run, record)
-    if dist.is_initialized():
-        dist.barrier()
+    with exit_on_stop_signals("the end-of-run export and evaluation",
+                              "training is complete and saved in its final checkpoint; run the same command "
+                              "again to write what is missing (nothing is retrained)"):
+        state = ckpt.full_model_state(model)
+        if rank == 0:
+            record = run.checkpoint_record(checkpoint)
+            todo = outdated_outputs(cfg, run, record)
+            if os.path.basename(run.export_path) in todo:
+                write_export(run, state, record)
+            if os.path.basename(run.eval_path) in todo:
+                from .evaluate import evaluate_run
+                evaluate_run(run, cfg=cfg, model_state=state, record=record)
+            elif not cfg.eval.enabled:
+                _warn_stale_eval(run, record)
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def _warn_stale_eval(run, record):

@@ -26,7 +26,7 @@ from .profiling import Profiler
 from .resume import check_resumable
 from .schedules import schedules_at
 from .step import make_inputs, train_step, trusted_indices
-from .stop_signal import StopRequested, StopSignal
+from .stop_signal import StopSignal
 
 log = logging.getLogger("iwm_fast")
 
@@ -191,8 +191,8 @@ class _Loop:
             checkpointer.save(step, self.training.model, self.training.optimizer,
                               {"data": self.data.state_dict(),
                                "skipped_images": _sum_over_ranks(self.skipped_images, self.device)})
-        if stopping and step < self.cfg.train.steps:
-            raise StopRequested(step, checkpointer.latest)
+        if stopping:  # at the last step too: the export and evaluation are left to a rerun
+            raise self.stop.stopped(step, checkpointer.latest, final=step == self.cfg.train.steps and not guard.bad_run)
 
     def close(self):
         try:

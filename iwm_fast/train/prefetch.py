@@ -42,7 +42,11 @@ class DevicePrefetcher:
         return batch
 
     def state_dict(self):
-        return self._next[0] if self._next is not None else self.stream.state_dict()
+        """The position to checkpoint: collective where the stream's is (``BatchStream.checkpoint_state``), so
+        every rank calls it at a save."""
+        local = self._next[0] if self._next is not None else self.stream.state_dict()
+        gather = getattr(self.stream, "checkpoint_state", None)
+        return gather(local) if gather is not None else local
 
     def close(self):
         self.stream.close()
