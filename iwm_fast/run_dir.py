@@ -8,6 +8,8 @@
     RUN/eval.json            the evaluation; RUN/world_model.png and RUN/loss_curve.png its pictures
     RUN/profile_trace.json   with profile=true, and RUN/profile_kernels.txt its per-kernel table
     RUN/<name>.json          a fine-tuning's results; RUN/<name>/ its own run directory (checkpoints, metrics)
+    RUN/outputs.json         which checkpoint each output above came from (``record_output``, ``is_current``)
+    RUN/.lock                the writer lock (``iwm_fast.run_lock``); RUN/.outputs.lock the outputs' one
 
 Every check costs a file read at most once per ``RunDir``: the config is read and parsed once, each checkpoint is
 verified against its checksums once, so a start-up that looks for the newest checkpoint, compares configs and
@@ -15,6 +17,7 @@ then loads it reads each file one time.
 """
 import copy
 import dataclasses
+import json
 import logging
 import os
 import warnings
@@ -23,6 +26,8 @@ from .train import checkpoint as ckpt
 from .config import ConfigError, _read_yaml, from_dict, to_dict
 
 log = logging.getLogger("iwm_fast")
+
+_ROTATION_RETRIES = 5  # a trainer saving faster than a checkpoint loads would need more
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,9 @@ class RunDir:
     tensorboard_dir = property(lambda self: self._file("tensorboard"))
     profile_trace_path = property(lambda self: self._file("profile_trace.json"))
     profile_table_path = property(lambda self: self._file("profile_kernels.txt"))
+    outputs_path = property(lambda self: self._file("outputs.json"))
+    lock_path = property(lambda self: self._file(".lock"))
+    outputs_lock_path = property(lambda self: self._file(".outputs.lock"))
 
     def finetune_path(self, name):
         """The results (JSON) of the fine-tuning ``name`` (``finetune_<protocol>``)."""
@@ -139,19 +147,76 @@ class RunDir:
         it counts as verified without being read back."""
         self._checked[path] = None
 
+    def checkpoint_record(self, path):
+        """Which checkpoint an output comes from: its step, folder name and the checksum of its meta.json (which
+        covers every file's checksum, so another model trained to the same step has another record)."""
+        meta = ckpt.read_meta(path)
+        return {"step": meta["step"], "checkpoint": os.path.basename(path),
+                "digest": meta.get("meta_digest") or ckpt._meta_digest(meta)}
+
+    def output_records(self):
+        """``{file name: checkpoint record}`` of the outputs written with a record; {} where there is none (an
+        unreadable outputs.json makes every output out of date, never current)."""
+        try:
+            with open(self.outputs_path) as f:
+                records = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return records if isinstance(records, dict) else {}
+
+    def is_current(self, path, record):
+        """Whether the output ``path`` exists and was written from the checkpoint ``record`` describes."""
+        return os.path.exists(path) and record is not None and self.output_records().get(
+            os.path.basename(path)) == record
+
+    def record_output(self, path, record):
+        """Record that the output ``path`` comes from the checkpoint ``record`` describes (None: from no known
+        checkpoint, written before a file is replaced). Hold ``run_lock.outputs_lock`` around the file's write
+        and its records."""
+        from .eval.report import write_json
+
+        records = self.output_records()
+        records[os.path.basename(path)] = record
+        write_json(self.outputs_path, {k: v for k, v in records.items() if v is not None})
+
     def load_model(self, device="cpu", *, backends=None, cfg=None):
         """The run's IWM (``build_iwm``) with the weights of its newest checkpoint that verifies, on ``device``.
         ``cfg`` defaults to the run's config. One FileNotFoundError naming the folder when there is no run or no
-        checkpoint; a checkpoint of another model is a CheckpointError naming the differences."""
+        checkpoint; a checkpoint of another model is a CheckpointError naming the differences. A checkpoint that
+        a running trainer removes while it is read (rotation) is logged, and the newest one left is loaded."""
+        cfg = self.read_config() if cfg is None else cfg
+        for _ in range(_ROTATION_RETRIES):
+            path = self.latest_checkpoint()
+            if path is None and not self._forget_vanished():
+                raise FileNotFoundError(f"{self.path} holds no weights: no complete checkpoint that verifies in "
+                                        f"{self.checkpoints_dir} (train it first)")
+            if path is None:
+                continue
+            try:
+                model, meta = self._load(path, cfg, backends)
+            except ckpt.CheckpointError:
+                if not self._forget_vanished():
+                    raise
+                log.warning("%s was removed while it was read (a running trainer rotates its checkpoints); "
+                            "loading the newest checkpoint left", path)
+                continue
+            return LoadedModel(cfg=cfg, model=model.to(device), step=meta["step"], checkpoint=path)
+        raise ckpt.CheckpointError(f"the checkpoints in {self.checkpoints_dir} were replaced {_ROTATION_RETRIES} "
+                                   "times while they were read; run again")
+
+    def _load(self, path, cfg, backends):
         from .models import build_iwm
 
-        cfg = self.read_config() if cfg is None else cfg
-        path = self.latest_checkpoint()
-        if path is None:
-            raise FileNotFoundError(f"{self.path} holds no weights: no complete checkpoint that verifies in "
-                                    f"{self.checkpoints_dir} (train it first)")
         model = build_iwm(cfg, backends)
         with warnings.catch_warnings():  # DCP's note that it loads in one process: that is the intent here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            meta = ckpt.load_checkpoint(path, model, verify=False)  # verified just above
-        return LoadedModel(cfg=cfg, model=model.to(device), step=meta["step"], checkpoint=path)
+            meta = ckpt.load_checkpoint(path, model, verify=False)  # verified by latest_checkpoint
+        return model, meta
+
+    def _forget_vanished(self):
+        """Forget the verdicts on checkpoint folders that are gone; whether there were any (a trainer's rotation
+        removed what was being read, so the newest checkpoint is looked for again)."""
+        gone = [p for p in self._checked if not os.path.exists(os.path.join(p, ckpt.META))]
+        for p in gone:
+            del self._checked[p]
+        return bool(gone)

@@ -1,5 +1,6 @@
 """A seeded sweep of faults on a tiny CPU run: SIGKILL at random moments and between the last checkpoint and
-the export, a damaged file in the latest checkpoint, a full disk (a write hook raising ENOSPC).
+the export, a damaged file in the latest checkpoint, a full disk (a write hook raising ENOSPC), a second trainer
+on the same run directory, a finished run extended to more steps.
 
 Each fault must end in a clear one-line error or in a completion bit-identical to an undisturbed run (same
 metrics.csv losses, same target_encoder.pt), and never lose a completed checkpoint or a metrics row.
@@ -32,20 +33,31 @@ SEED = 1234
 
 # ---------------------------------------------------------------- children (run in forkserver processes)
 
-def _child(run_dir, log_path, hook):
+def _child(run_dir, log_path, hook, extra=()):
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 2)
     torch.set_num_threads(1)
     if hook:
         globals()[hook]()
     from iwm_fast.train.cli import train_main
-    raise SystemExit(train_main(["configs/demo_cpu.yaml", *TINY, f"train.out_dir={run_dir}"]))
+    raise SystemExit(train_main(["configs/demo_cpu.yaml", *TINY, f"train.out_dir={run_dir}", *extra]))
 
 
 def _hook_kill_before_export():
     def die(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     ckpt.export_target_encoder = die
+
+
+def _hook_slow_steps():
+    from iwm_fast.train import loop
+
+    real_step = loop.train_step
+
+    def slow(*a, **k):
+        time.sleep(1.0)  # a run long enough for a second trainer to try the same directory
+        return real_step(*a, **k)
+    loop.train_step = slow
 
 
 def _hook_disk_full_at_second_save():
@@ -107,11 +119,11 @@ def server():
             os.environ[k] = v
 
 
-def _run(ctx, run_dir, *, hook="", kill_when=None, then_wait=0.0, timeout=300):
+def _run(ctx, run_dir, *, hook="", kill_when=None, then_wait=0.0, timeout=300, extra=(), log=None):
     """Run the CLI in a child. With ``kill_when``, poll it every 2 ms and SIGKILL the child ``then_wait``
     seconds after it first holds. Returns (exit code, stderr text)."""
-    log = f"{run_dir}.log"
-    p = ctx.Process(target=_child, args=(str(run_dir), log, hook))
+    log = log or f"{run_dir}.log"
+    p = ctx.Process(target=_child, args=(str(run_dir), log, hook, tuple(extra)))
     p.start()
     deadline = time.monotonic() + timeout
     if kill_when is not None:
@@ -270,3 +282,47 @@ def test_a_full_disk(server, reference, tmp_path, hook, message):
     _assert_intact(run, reference)
     assert ckpt.latest_checkpoint(str(run / "checkpoints")).endswith("step_00000002")
     _assert_completes_identically(server, run, reference)
+
+
+def test_a_second_trainer_on_the_same_directory_is_refused(server, reference, tmp_path):
+    # The first trainer holds the run directory; the second is refused in one line and changes nothing, and
+    # the first ends exactly as an undisturbed run.
+    import threading
+
+    run = tmp_path / "run"
+    first = {}
+    thread = threading.Thread(target=lambda: first.update(zip(("code", "err"),
+                                                              _run(server, run, hook="_hook_slow_steps"))))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not _rows(run) and time.monotonic() < deadline:  # the first one holds the lock and trains
+        time.sleep(0.01)
+    code, err = _run(server, run, log=str(tmp_path / "second.log"))
+    thread.join()
+    assert code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("iwm-train: error:")]
+    assert len(errors) == 1 and "is in use by another writer (iwm-train pid" in errors[0], err[-2000:]
+    assert first["code"] == 0, first["err"][-2000:]
+    assert _rows(run) == reference["rows"]
+    want, got = reference["encoder"], _encoder(run)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_an_extended_run_refreshes_its_export(server, reference, tmp_path):
+    import json
+
+    from iwm_fast.models import build_iwm
+    from iwm_fast.run_dir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(reference["dir"], run)
+    code, err = _run(server, run, extra=["train.steps=8"])
+    assert code == 0, err[-2000:]
+    rows = _rows(run)
+    assert [s for s, _ in rows] == list(range(1, 9)) and rows[:4] == reference["rows"]
+    model = build_iwm(RunDir(run).read_config())
+    ckpt.load_checkpoint(str(run / "checkpoints" / "step_00000008"), model)
+    want, got = model.target_encoder.state_dict(), _encoder(run)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with open(run / "outputs.json") as f:
+        assert json.load(f)["target_encoder.pt"]["step"] == 8

@@ -17,7 +17,8 @@ TINY = ["model.size=tiny", "model.depth=1", "model.patch_size=4", "data.image_si
         "predictor.depth=1", "predictor.width=48", "masks.min_keep=2", "masks.num_targets=2", "train.batch_size=8",
         "train.warmup_steps=1", "train.log_every=1000", "train.device=cpu", "eval.enabled=false"]
 FILES = ("config.yaml", "metrics.csv", "eval.json", "target_encoder.pt", "world_model.png", "loss_curve.png",
-         "checkpoints", "tensorboard", "profile_trace.json", "profile_kernels.txt")
+         "checkpoints", "tensorboard", "profile_trace.json", "profile_kernels.txt", "outputs.json", ".lock",
+         ".outputs.lock")
 
 
 def tiny_cfg(out_dir, *extra):
@@ -59,7 +60,7 @@ def test_paths_are_the_runs_files(tmp_path):
     run = RunDir(tmp_path)
     got = [run.config_path, run.metrics_path, run.eval_path, run.export_path, run.world_model_png,
            run.loss_curve_png, run.checkpoints_dir, run.tensorboard_dir, run.profile_trace_path,
-           run.profile_table_path]
+           run.profile_table_path, run.outputs_path, run.lock_path, run.outputs_lock_path]
     assert got == [os.path.join(str(tmp_path), f) for f in FILES]
     assert RunDir(run).path == run.path == str(tmp_path)
     assert run.finetune_path("finetune_predictor") == os.path.join(str(tmp_path), "finetune_predictor.json")
@@ -209,3 +210,42 @@ def test_a_resumed_start_reads_the_config_once_and_verifies_once(tmp_path, monke
     assert opened == {str(out / "config.yaml"): 1}
     resumed = {n: c for n, c in hashed.items() if n.startswith("step_00000002")}
     assert resumed and set(resumed.values()) == {1}
+
+
+def test_a_checkpoint_rotated_away_while_it_is_read_falls_back_and_says_so(saved_run, monkeypatch, caplog):
+    # A running trainer removes old checkpoints after each save: one that vanishes between its verification and
+    # its load must not be reported as a damaged file; the newest one left is loaded.
+    import shutil
+
+    path, states = saved_run
+    run = RunDir(path)
+    real, calls = ckpt.load_checkpoint, []
+
+    def rotated_first(folder, *a, **k):
+        calls.append(folder)
+        if len(calls) == 1:
+            shutil.rmtree(folder)  # the trainer's rotation, in the middle of the read
+        return real(folder, *a, **k)
+
+    monkeypatch.setattr(ckpt, "load_checkpoint", rotated_first)
+    with caplog.at_level("WARNING", logger="iwm_fast"):
+        loaded = run.load_model()
+    assert [os.path.basename(c) for c in calls] == ["step_00000002", "step_00000001"]
+    assert loaded.step == 1 and all(torch.equal(loaded.model.state_dict()[k], v) for k, v in states[1].items())
+    assert "step_00000002 was removed while it was read" in caplog.text and ".metadata" not in caplog.text
+
+
+def test_outputs_are_current_only_for_the_checkpoint_they_record(saved_run):
+    path, _ = saved_run
+    run = RunDir(path)
+    first, second = (run.checkpoint_record(os.path.join(run.checkpoints_dir, f"step_0000000{s}")) for s in (1, 2))
+    assert first["step"] == 1 and second["step"] == 2 and first["digest"] != second["digest"]
+    assert not run.is_current(run.eval_path, second)  # no file
+    with open(run.eval_path, "w") as f:
+        f.write("{}")
+    assert not run.is_current(run.eval_path, second)  # a file no record vouches for
+    run.record_output(run.eval_path, second)
+    assert run.is_current(run.eval_path, second) and not run.is_current(run.eval_path, first)
+    with open(run.outputs_path, "w") as f:
+        f.write("{not json")
+    assert not run.is_current(run.eval_path, second)  # a damaged record vouches for nothing

@@ -34,25 +34,24 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="[iwm-fast] %(message)s", stream=sys.stderr)
-    from ..run_dir import RunDir
-    from ..train.checkpoint import CheckpointError
-    from ..config import ConfigError
+    from ..train.cli import _user_errors
     from ..train.guard import NonFiniteLossError
-    from .run import finetune
+    from .run import finetune_and_save
 
     try:
-        results = finetune(a.run_dir, args)
+        results, path = finetune_and_save(a.run_dir, args)
     except NonFiniteLossError as e:
         logging.getLogger("iwm_fast").error("%s", e)
         return 3
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        parser.error(str(e))
+    except (*_user_errors(), ValueError) as e:  # the usage is for argument errors only
+        message = " ".join(str(e).split()) or type(e).__name__
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     print(f"{args.name}: accuracy {results['accuracy']:.4f}, trainable parameters {results['trainable_params']}, "
-          f"{results['seconds']:.1f} s -> {RunDir(a.run_dir).finetune_path(args.name)}")
+          f"{results['seconds']:.1f} s -> {path or 'not saved'}")
     return 0
 
 

@@ -12,11 +12,11 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
 from ..eval.probe import probe_encoder
 from ..eval.report import write_json
 from ..run_dir import RunDir
+from ..run_lock import lock_run
 from .train import train_classifier
 
 log = logging.getLogger("iwm_fast")
@@ -80,6 +80,25 @@ def _probe(args, cfg, model, data, num_classes, rank):
 
 def run_finetune(run_dir, args: FinetuneArgs):
     """Fine-tune ``run_dir``'s model by ``args.protocol``; returns ``(results, model)``; writes no JSON."""
+    results, net, _ = _finetune(run_dir, args, save=False)
+    return results, net
+
+
+def finetune_and_save(run_dir, args: FinetuneArgs):
+    """Run the protocol and write ``RUN_DIR/<args.name>.json`` (rank 0); returns ``(results, the JSON's path)``,
+    the path None where it could not be written (a warning says why; the results are the caller's to print)."""
+    results, _, path = _finetune(run_dir, args, save=True)
+    return results, path
+
+
+def finetune(run_dir, args: FinetuneArgs):
+    """Run the protocol and write ``RUN_DIR/<args.name>.json`` (rank 0); returns the results dict."""
+    return finetune_and_save(run_dir, args)[0]
+
+
+def _finetune(run_dir, args, *, save):
+    """The protocol under the run directory's writer lock (``run_lock``), and its JSON where ``save``. A run
+    directory that cannot be written is fine-tuned without checkpoints or metrics, with one warning."""
     from ..train.distributed import init_distributed
 
     args.validate()
@@ -87,31 +106,48 @@ def run_finetune(run_dir, args: FinetuneArgs):
     cfg = run.read_config(["data.dataset=imagefolder", f"data.root={args.data_root}"] if args.data_root else ())
     t0 = time.perf_counter()
     rank, world, device = init_distributed(cfg.train.device)
+    with lock_run(run, "iwm-finetune", rank) as lock:
+        if lock.read_only and rank == 0:
+            log.warning("%s cannot be written: %s runs without checkpoints or metrics, and its results are "
+                        "printed, not saved", run.path, args.name)
+        results, net = _protocol(run, args, cfg, rank, world, device, writable=not lock.read_only)
+        results["seconds"] = time.perf_counter() - t0
+        path = None
+        if save and rank == 0:
+            path = _write_results(run.finetune_path(args.name), results)
+    return results, net, path
+
+
+def _write_results(path, results):
+    try:
+        return write_json(path, results)
+    except OSError as e:
+        log.warning("could not save the results to %s (%s); they are printed below", path, e.strerror or e)
+        return None
+
+
+def _protocol(run, args, cfg, rank, world, device, *, writable):
     pretrained = run.load_model(cfg=cfg)  # also restores the pretraining RNG: the head is seeded after this
+    if pretrained.step < cfg.train.steps and rank == 0:
+        log.warning("%s is at step %d of its train.steps=%d: fine-tuning an unfinished pretraining", run.path,
+                    pretrained.step, cfg.train.steps)
     data = _splits(cfg)
     num_classes = int(max(data[1].max(), data[3].max())) + 1
     if args.protocol == "probe":
         acc, n_params = _probe(args, cfg, pretrained.model, data, num_classes, rank)
         history, net, steps = None, None, 0
     else:
+        origin = run.checkpoint_record(pretrained.checkpoint)
         history, n_params, net, steps = train_classifier(run, args, cfg, pretrained.model, data, num_classes, rank,
-                                                         world, device)
+                                                         world, device, pretrain=origin, writable=writable)
         acc = history[-1]
     trained = args.protocol != "probe"
     results = {"accuracy": acc, "protocol": args.protocol,
                "predictor_init": args.predictor_init if args.protocol == "predictor" else None,
-               "trainable_params": n_params, "seconds": time.perf_counter() - t0,
+               "trainable_params": n_params, "seconds": None,
                "epochs": args.epochs if trained else None, "lr": args.lr, "batch_size": args.batch_size,
                "seed": args.seed, "steps": steps, "pretrain_step": pretrained.step, "num_classes": num_classes,
                "train_images": int(data[0].shape[0]), "val_images": int(data[2].shape[0]), "world_size": world}
     if trained:
         results["val_accuracy_per_epoch"] = history
     return results, net
-
-
-def finetune(run_dir, args: FinetuneArgs):
-    """Run the protocol and write ``RUN_DIR/<args.name>.json`` (rank 0); returns the results dict."""
-    results, _ = run_finetune(run_dir, args)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        write_json(RunDir(run_dir).finetune_path(args.name), results)
-    return results

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..eval.progress import progress_bar
 from ..models import build_iwm
+from ..train import checkpoint as ckpt
 from ..train.checkpointer import Checkpointer
 from ..train.guard import NonFiniteGuard
 from ..train.log_window import LogWindow
@@ -114,6 +115,8 @@ class ClassifierTraining:
     world: int
     device: torch.device
     max_bad_steps: int
+    pretrain: dict = None    # the pretraining checkpoint fine-tuned (``RunDir.checkpoint_record``)
+    writable: bool = True    # False: a read-only run directory, no checkpoints or metrics
 
     @property
     def total(self):
@@ -121,9 +124,9 @@ class ClassifierTraining:
 
     def resume(self):
         """(first epoch to train, validation accuracies so far) from the newest fine-tuning checkpoint, if any."""
-        meta = self.checkpointer.resume(self.net, self.optimizer)
-        if meta is None:
+        if self.checkpointer.latest is None or not self._same_pretraining():
             return 0, []
+        meta = self.checkpointer.resume(self.net, self.optimizer)
         if meta.get("args") != dataclasses.asdict(self.args):
             raise ValueError(f"{self.checkpointer.run.path} holds a fine-tuning with other settings "
                              f"({meta.get('args')}); delete it or give the same options")
@@ -131,12 +134,30 @@ class ClassifierTraining:
             log.info("resumed %s from %s (epoch %d)", self.args.name, self.checkpointer.latest, meta["epoch"])
         return meta["epoch"], meta["val_accuracy"]
 
+    def _same_pretraining(self):
+        """Whether the newest checkpoint fine-tunes the pretraining checkpoint loaded now; if not (pretraining
+        moved on, or the run was retrained), its checkpoints are of stale work: say so and start afresh."""
+        saved = ckpt.read_meta(self.checkpointer.latest).get("pretrain")
+        if saved == self.pretrain:
+            return True
+        if self.rank == 0:
+            was = f"the step-{saved['step']} pretraining checkpoint" if isinstance(saved, dict) and "step" in saved \
+                else "a pretraining checkpoint it does not record"
+            log.warning("%s in %s fine-tuned %s, not the run's newest (step %d): starting afresh", self.args.name,
+                        self.checkpointer.run.path, was, self.pretrain["step"])
+        if self.writable:
+            self.checkpointer.discard()
+        self.checkpointer.latest = None
+        return False
+
     def open_window(self, start_step):
         run = self.checkpointer.run
-        os.makedirs(run.path, exist_ok=True)
+        if self.writable:
+            os.makedirs(run.path, exist_ok=True)
         bar = progress_bar(self.total, self.args.name, "step", enabled=self.rank == 0)
         bar.update(start_step)
-        return LogWindow(logger=MetricsLogger(run, enabled=self.rank == 0, resume_step=start_step), bar=bar,
+        logger = MetricsLogger(run, enabled=self.rank == 0 and self.writable, resume_step=start_step)
+        return LogWindow(logger=logger, bar=bar,
                          guard=NonFiniteGuard(self.max_bad_steps, self.checkpointer.dir), device=self.device,
                          world_size=self.world, peak_flops=None, model=self.net)
 
@@ -167,8 +188,10 @@ class ClassifierTraining:
         if self.rank == 0:
             log.info("%s epoch %d/%d: validation accuracy %.4f", self.args.name, epoch + 1, self.args.epochs,
                      history[-1])
-        self.checkpointer.save((epoch + 1) * self.steps_per_epoch, self.net, self.optimizer,
-                               {"epoch": epoch + 1, "args": dataclasses.asdict(self.args), "val_accuracy": history})
+        if self.writable:
+            self.checkpointer.save((epoch + 1) * self.steps_per_epoch, self.net, self.optimizer,
+                                   {"epoch": epoch + 1, "args": dataclasses.asdict(self.args),
+                                    "val_accuracy": history, "pretrain": self.pretrain})
 
 
 def _close(window):
@@ -188,8 +211,10 @@ def steps_per_epoch(args, num_images, world):
     return num_images // args.batch_size
 
 
-def train_classifier(run, args, cfg, model, data, num_classes, rank, world, device):
-    """Fine-tune ``args.protocol``'s classifier on ``data`` into ``run.finetune_run(args.name)``, resuming there.
+def train_classifier(run, args, cfg, model, data, num_classes, rank, world, device, *, pretrain=None,
+                     writable=True):
+    """Fine-tune ``args.protocol``'s classifier on ``data`` into ``run.finetune_run(args.name)``, resuming there
+    when its checkpoint fine-tunes the same pretraining checkpoint ``pretrain``; ``writable=False`` saves nothing.
 
     Returns ``(validation accuracy per epoch, trainable parameters, the sharded classifier, total steps)``."""
     per_epoch = steps_per_epoch(args, data[0].shape[0], world)
@@ -201,7 +226,7 @@ def train_classifier(run, args, cfg, model, data, num_classes, rank, world, devi
     checkpointer = Checkpointer(run.finetune_run(args.name), every=per_epoch, total_steps=per_epoch * args.epochs,
                                 keep=1, rank=rank)
     job = ClassifierTraining(net, optimizer, checkpointer, args, data, per_epoch, rank, world, device,
-                             cfg.train.max_bad_steps)
+                             cfg.train.max_bad_steps, pretrain, writable)
     start_epoch, history = job.resume()
     window = job.open_window(start_epoch * per_epoch)
     net.train()

@@ -2,6 +2,7 @@
 non-finite. The file format and atomicity are ``iwm_fast.train.checkpoint``'s; which checkpoint is the newest
 that verifies is the run directory's (``iwm_fast.run_dir.RunDir``)."""
 import logging
+import shutil
 
 import torch
 
@@ -26,6 +27,13 @@ class Checkpointer:
         if self.latest is None:
             return None
         return ckpt.load_checkpoint(self.latest, model, optimizer, verify=False)  # the run verified it
+
+    def discard(self):
+        """Remove every checkpoint (rank 0; the ranks wait for it): they are of work that is not resumed."""
+        if self.rank == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        ckpt._barrier()
+        self.latest = None
 
     def is_save_step(self, step):
         return step % self.every == 0 or step == self.total

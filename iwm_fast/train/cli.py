@@ -22,8 +22,10 @@ def _user_errors():
     from .checkpoint import CheckpointError
     from .metrics import MetricsWriteError
     from .resume import ResumeError
+    from ..run_lock import RunInUseError
 
-    return (ConfigError, CheckpointError, MetricsWriteError, ResumeError, FileNotFoundError, PermissionError)
+    return (ConfigError, CheckpointError, MetricsWriteError, ResumeError, RunInUseError, FileNotFoundError,
+            PermissionError)
 
 
 def _is_environment_oserror(e):
@@ -89,8 +91,10 @@ def _train_command(parser, args):
 def eval_main(argv=None):
     parser = argparse.ArgumentParser(
         prog="iwm-eval", description="Evaluate a finished or running IWM run: linear probe vs a random encoder, "
-        "world-model MRR, loss-curve plot. Writes RUN_DIR/eval.json (a warning, not an error, where the run "
-        "directory is read-only) and a finished run's missing target_encoder.pt.")
+        "world-model MRR, loss-curve plot. Writes RUN_DIR/eval.json, world_model.png and loss_curve.png (a "
+        "warning, not an error, where the run directory is read-only) and a finished run's target_encoder.pt where "
+        "it is missing or of another checkpoint. Safe beside a running iwm-train: the run's end redoes an "
+        "evaluation of an older checkpoint.")
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides of the run's saved config: eval.* and train.device only")

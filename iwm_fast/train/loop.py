@@ -12,14 +12,15 @@ import torch
 import torch.distributed as dist
 
 from ..run_dir import RunDir
+from ..run_lock import lock_run
 from .build import build_training
 from .checkpointer import Checkpointer
 from .data import BatchStream, rows_in_step
 from .distributed import init_distributed
-from .finish import finish, missing_outputs
+from .finish import finish, outdated_outputs
 from .guard import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: the CLI's to catch)
 from .log_window import LogWindow
-from .metrics import MetricsLogger, peak_flops, progress_bar
+from .metrics import MetricsLogger, check_metrics_file, peak_flops, progress_bar
 from .prefetch import DevicePrefetcher
 from .profiling import Profiler
 from .resume import check_resumable
@@ -54,25 +55,32 @@ def train(cfg, *, loss_hook=None, max_steps=None, backends=None):
     """
     cfg.validate()  # load_config did for the CLI; a Config built in Python is checked here
     rank, world, device = init_distributed(cfg.train.device)
-    with trusted_indices():  # every index comes from our own mask sampler
-        return _train(cfg, rank, world, device, loss_hook=loss_hook, max_steps=max_steps, backends=backends)
-
-
-def _train(cfg, rank, world, device, *, loss_hook, max_steps, backends):
-    t = cfg.train
-    run = RunDir(t.out_dir)
     micro = _micro_batch(cfg, world)
+    run = RunDir(cfg.train.out_dir)
+    # One writer per run directory, taken before anything is read from it or written to it.
+    with lock_run(run, "iwm-train", rank) as lock, trusted_indices():  # every index is our mask sampler's
+        if lock.read_only:
+            raise PermissionError(f"train.out_dir {run.path} cannot be written (permission denied or a "
+                                  "read-only file system)")
+        return _train(cfg, run, rank, world, device, micro, loss_hook=loss_hook, max_steps=max_steps,
+                      backends=backends)
+
+
+def _train(cfg, run, rank, world, device, micro, *, loss_hook, max_steps, backends):
+    t = cfg.train
     checkpointer = Checkpointer(run, every=t.checkpoint_every, total_steps=t.steps, keep=t.keep_checkpoints,
                                 rank=rank)
     if checkpointer.latest is not None:
         check_resumable(cfg, run)
+    if rank == 0:
+        check_metrics_file(run.metrics_path)  # another tool's metrics.csv is not ours to rewrite
     training = build_training(cfg, device=device, world_size=world, backends=backends)
     meta = checkpointer.resume(training.model, training.optimizer)  # a refused (strict) load keeps config.yaml
     if rank == 0:
         run.write_config(cfg)
     start_step = meta["step"] if meta else 0
     if start_step >= t.steps:
-        return _complete_finished(cfg, run, training.model, rank)
+        return _complete_finished(cfg, run, training.model, rank, checkpointer.latest)
     if meta and rank == 0:
         log.info("resumed from %s at step %d", checkpointer.latest, start_step)
     loop = _Loop(cfg, run, rank, world, device, micro, training, checkpointer, meta, loss_hook)
@@ -86,20 +94,24 @@ def _train(cfg, rank, world, device, *, loss_hook, max_steps, backends):
         log.warning("%d unreadable image files were skipped during training", skipped_images)
     if step == t.steps and end == t.steps:
         loop.guard.check_finished(step)
-        finish(cfg, training.model, run, rank)
+        finish(cfg, training.model, run, rank, checkpointer.latest)
     return run.path
 
 
-def _complete_finished(cfg, run, model, rank):
-    """A rerun of a finished run writes whichever of its outputs is missing, and nothing else."""
-    missing = missing_outputs(cfg, run)
+def _complete_finished(cfg, run, model, rank, checkpoint):
+    """A rerun of a finished run writes whichever of its outputs is missing or not of its final checkpoint."""
+    todo = outdated_outputs(cfg, run, run.checkpoint_record(checkpoint)) if rank == 0 else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [todo]
+        dist.broadcast_object_list(box, src=0)  # every rank takes part in the export's gather, or none
+        todo = box[0]
     if rank == 0:
         log.info("%s already finished its %d steps%s", run.path, cfg.train.steps,
-                 f"; completing {', '.join(missing)}" if missing else
+                 f"; writing {', '.join(todo)} (missing, or not of the final checkpoint)" if todo else
                  f"; its evaluation is in {run.eval_path} (iwm-eval re-runs it); "
                  "give another train.out_dir to train again")
-    if missing:
-        finish(cfg, model, run, rank)
+    if todo:
+        finish(cfg, model, run, rank, checkpoint)
     return run.path
 
 

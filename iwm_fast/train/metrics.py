@@ -31,6 +31,22 @@ class MetricsWriteError(RuntimeError):
     """metrics.csv could not be written (a full disk); the rows already in the file are kept."""
 
 
+def check_metrics_file(path):
+    """Refuse a ``metrics.csv`` that is not one of ours (its header does not start with step, loss): another
+    tool's file, which rewriting it on a resume would destroy."""
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise MetricsWriteError(f"{path} is unreadable ({e}); move it away or give another run directory") from None
+    if header is not None and header[:2] != FIELDS[:2]:
+        shown = ",".join(header)[:80]
+        raise MetricsWriteError(f"{path} is not a metrics file of this engine (its header is {shown!r}); move it "
+                                "away or give another run directory: it is not overwritten")
+
+
 class MetricsLogger:
     """Appends one row per step to ``RUN_DIR/metrics.csv`` (and TensorBoard), rank 0 only.
 
@@ -62,6 +78,7 @@ class MetricsLogger:
     def _prepare(self, resume_step):
         """Leave a file holding the header and exactly the whole rows of steps 1..resume_step."""
         rows, header, whole = [], None, True
+        check_metrics_file(self.path)
         if os.path.exists(self.path):
             with open(self.path, newline="") as f:
                 text = f.read()
