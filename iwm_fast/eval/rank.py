@@ -19,4 +19,4 @@ def rankme(features):
 def normalized_std(features):
     """Mean over dimensions of the population std over rows of the l2-normalised ``features`` [N, D], a 0-d
     float64 tensor: 0 when every row points the same way, at most 1/sqrt(D)."""
-    return F.normalize(features.double(), dim=1).std(dim=0, unbiased=False).mean()
+    return F.normalize(features.double(), dim=1).std(dim=0, correction=0).mean()
