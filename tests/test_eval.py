@@ -10,6 +10,7 @@ from iwm_fast.eval import (MrrSettings, QueryBatch, evaluate, extract_features, 
                            mrr_chance, plot_loss_curve, probe_encoder, random_init_encoder, reciprocal_ranks,
                            world_model_mrr, write_eval)
 from iwm_fast.eval.probe import fit_linear_probe
+from iwm_fast.eval.rank import rankme
 from iwm_fast.models import IWM, IWMPredictor, VisionTransformer
 from iwm_fast.transforms import ACTION_DIM, TransformConfig, normalize
 
@@ -149,11 +150,13 @@ def test_probe_encoder_reports_both_accuracies():
     enc = tiny_vit(seed=1)
     out = probe_encoder(enc, xtr, ytr, xva, yva, batch_size=32, epochs=30, wd=(1e-3, 1e-1), seed=0,
                         random_encoder=tiny_vit(seed=2))
-    assert set(out) == {"probe_acc", "probe_acc_random", "probe_wd", "probe_wd_random"}
+    assert set(out) == {"probe_acc", "probe_acc_random", "probe_wd", "probe_wd_random", "rankme", "rankme_random"}
     assert out["probe_acc"] > 0.9 and out["probe_acc_random"] > 0.9
     alone = probe_encoder(enc, xtr, ytr, xva, yva, batch_size=32, epochs=30, wd=(1e-3, 1e-1), seed=0)
-    assert alone == {"probe_acc": out["probe_acc"], "probe_wd": out["probe_wd"]}  # no control, no control keys
+    # no control, no control keys
+    assert alone == {"probe_acc": out["probe_acc"], "probe_wd": out["probe_wd"], "rankme": out["rankme"]}
     ftr, fva = extract_features(enc, xtr, 32), extract_features(enc, xva, 32)
+    assert alone["rankme"] == rankme(fva).item()
     assert alone["probe_acc"] == fit_linear_probe(ftr, ytr, fva, yva, epochs=30, wd=(1e-3, 1e-1)).accuracy
     same = probe_encoder(enc, xtr, ytr, xva, yva, batch_size=32, epochs=30, wd=1e-3, seed=0,
                          random_encoder=enc)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .features import extract_features
 from .progress import progress_bar
+from .rank import rankme
 
 DEFAULT_WD_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 # Below this many feature values a CPU fit runs on one thread: each L-BFGS evaluation is then a few tens of
@@ -161,7 +162,8 @@ def probe_encoder(encoder, train_images, train_labels, val_images, val_labels, *
     """Linear probe on the encoder's average-pooled features, and on ``random_encoder`` (the random-init control,
     e.g. ``features.random_init_encoder``) with identical settings when one is given.
 
-    Returns ``probe_acc`` and ``probe_wd``, plus ``probe_acc_random`` and ``probe_wd_random`` with a control.
+    Returns ``probe_acc``, ``probe_wd`` and ``rankme`` (``rank.rankme`` of the validation features), plus
+    ``probe_acc_random``, ``probe_wd_random`` and ``rankme_random`` with a control.
     The evaluation and the fine-tuning's probe protocol both run this; ``show_progress`` draws two bars,
     ``"<stage>: features"`` and ``"<stage>: linear probe"``.
     """
@@ -174,7 +176,8 @@ def probe_encoder(encoder, train_images, train_labels, val_images, val_labels, *
     with progress_bar(fits, f"{stage}: linear probe", "fit", enabled=show_progress) as bar:
         res = [fit_linear_probe(ftr, train_labels, fva, val_labels, epochs=epochs, lr=lr, wd=wd, seed=seed,
                                 on_fit=lambda: bar.update(1)) for ftr, fva in feats]
-    out = {"probe_acc": res[0].accuracy, "probe_wd": res[0].wd}
+    out = {"probe_acc": res[0].accuracy, "probe_wd": res[0].wd, "rankme": rankme(feats[0][1]).item()}
     if random_encoder is not None:
-        out.update(probe_acc_random=res[1].accuracy, probe_wd_random=res[1].wd)
+        out.update(probe_acc_random=res[1].accuracy, probe_wd_random=res[1].wd,
+                   rankme_random=rankme(feats[1][1]).item())
     return out

@@ -11,8 +11,9 @@ import torch
 REQUIRED_KEYS = ("probe_acc", "probe_acc_random", "mrr")
 
 # Display order of the summary table; other keys follow alphabetically.
-_ORDER = ("probe_acc", "probe_acc_random", "mrr", "mrr_chance", "mrr_chance_stderr", "mrr_tokens", "mrr_identity",
-          "mrr_bank_size", "mrr_num_queries", "probe_wd", "probe_wd_random")
+_ORDER = ("probe_acc", "probe_acc_random", "probe_acc_pixels", "rankme", "rankme_random",
+          "mrr", "mrr_chance", "mrr_chance_stderr", "mrr_tokens", "mrr_identity", "mrr_bank_size", "mrr_num_queries",
+          "probe_wd", "probe_wd_random")
 
 
 def _plain(v):

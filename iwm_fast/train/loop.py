@@ -15,6 +15,7 @@ from ..run_dir import RunDir
 from ..run_lock import lock_run
 from .build import build_training
 from .checkpointer import Checkpointer
+from .collapse import CollapseMonitor, first_logged_rank
 from .data import BatchStream, rows_in_step
 from .distributed import init_distributed
 from .finish import finish, outdated_outputs
@@ -140,8 +141,10 @@ class _Loop:
         self.bar = progress_bar(t.steps, start=start, enabled=rank == 0)
         self.guard = NonFiniteGuard(t.max_bad_steps, self.checkpointer.dir)
         model = self.training.model
+        self.collapse = CollapseMonitor(model, enabled=rank == 0,
+                                        reference=first_logged_rank(self.logger.path, start) if rank == 0 else None)
         self.window = LogWindow(logger=self.logger, bar=self.bar, guard=self.guard, device=device, world_size=world,
-                                peak_flops=peak_flops(device), model=model)
+                                peak_flops=peak_flops(device), model=model, collapse=self.collapse)
         self.profiler = Profiler(self.cfg.profile and rank == 0, self.run)
         self.stop = StopSignal(t.term_grace_s, device=device, world_size=world)
 
@@ -149,7 +152,9 @@ class _Loop:
         """Steps ``start_step + 1 .. end`` (1-based: the step that is done after each iteration)."""
         step = start_step
         for step in range(start_step + 1, end + 1):
-            self.step(step)
+            # Step 1 too: the collapse warning's reference is the model at initialisation.
+            with self.collapse.watch(step, step == 1 or self.logs_at(step, end)):
+                self.step(step)
             self.profiler.step()
             self.after_step(step, end)
         return step
@@ -176,11 +181,14 @@ class _Loop:
         self.window.add(step, loss, finite, s, images=sum(m.source.shape[0] for m in micro_batches),
                         data_s=data_s, ctx_tokens=mb.ctx_idx.shape[1], tgt_shape=tuple(mb.tgt_idx.shape[1:]))
 
+    def logs_at(self, step, end):
+        return self.checkpointer.is_save_step(step) or step % self.cfg.train.log_every == 0 or step == end
+
     def after_step(self, step, end):
         """Log at log steps, save at save steps (never after a non-finite step), stop on SIGTERM."""
         checkpointer, guard = self.checkpointer, self.guard
         save = checkpointer.is_save_step(step)
-        at_log = save or step % self.cfg.train.log_every == 0 or step == end
+        at_log = self.logs_at(step, end)
         stopping = self.stop.should_stop(at_log)
         if at_log or stopping:
             self.window.flush()

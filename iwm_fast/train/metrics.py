@@ -11,6 +11,8 @@ from .files import fsync_dir
 # window, on its last step's row: throughput, step time, data wait, peak memory and MFU over the window.
 FIELDS = ["step", "loss", "lr", "wd", "momentum", "images_per_s", "step_time_s", "data_wait_frac",
           "peak_mem_mb", "mfu", "nonfinite"]
+# Per log step: the collapse monitor's effective ranks and feature spread (train/collapse.py).
+FIELDS += ["target_rankme", "pred_rankme", "target_std"]
 _RENAMED = {"nonfinite": "skipped"}
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for the MFU estimate, by device-name fragment.
