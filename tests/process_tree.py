@@ -37,3 +37,20 @@ def wait_gone(pids, timeout):
             return set()
         time.sleep(0.2)
     return {p for p in pids if alive(p)}
+
+
+def epoch_with_signalled_workers(loader, num_workers, signals):
+    """One epoch of ``loader`` whose ``num_workers`` worker processes get ``signals`` after the first batch:
+    (the batches, the workers' pids)."""
+    import os as _os
+
+    before = children(_os.getpid())
+    batches = iter(loader)
+    got = [next(batches)]
+    workers = children(_os.getpid()) - before
+    assert len(workers) == num_workers
+    for pid in workers:
+        for sig in signals:
+            _os.kill(pid, sig)
+    got += list(batches)  # the rest of the epoch, from the same workers
+    return got, workers

@@ -1,5 +1,4 @@
 """Bundled digits, ImageFolder with unreadable files, the resumable distributed sampler and loader."""
-import os
 import signal
 import warnings
 
@@ -194,18 +193,10 @@ def test_a_position_resumes_on_another_number_of_ranks(n, before, after):
 def test_loader_workers_ignore_job_signals(digits_val):
     """SIGTERM and SIGINT to the loader workers (a whole-job signal, in any order) leave them running, and
     close() stops them."""
-    from process_tree import alive, children
+    from process_tree import alive, epoch_with_signalled_workers
 
     loader, _ = build_loader(digits_val, 16, num_workers=2, seed=1)
-    before = children(os.getpid())
-    batches = iter(loader)
-    got = [next(batches)]
-    workers = children(os.getpid()) - before
-    assert len(workers) == 2
-    for pid in workers:
-        os.kill(pid, signal.SIGINT)
-        os.kill(pid, signal.SIGTERM)
-    got += list(batches)  # the rest of the epoch, from the same workers
+    got, workers = epoch_with_signalled_workers(loader, 2, (signal.SIGINT, signal.SIGTERM))
     assert sum(len(b["indices"]) for b in got) == len(digits_val) // 16 * 16
     assert all(alive(p) for p in workers)  # persistent workers, alive after the signals and the epoch
     loader.close()

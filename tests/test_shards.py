@@ -244,22 +244,13 @@ def test_resume_continues_bit_identically(shard_dir, num_workers):
         ds = ShardDataset(root, image_size=8, seed=1, rank=1, world_size=2, streams=max(1, num_workers))
         return ShardLoader(ds, 2, num_workers=num_workers, start_state=state)
 
-    def take(loader, n):
-        out = []
-        while len(out) < n:
-            for b in loader:
-                out.append((b["indices"].clone(), b["images"].clone()))
-                if len(out) == n:
-                    break
-        return out
-
     per_epoch = len(_epoch(make()))
-    reference = take(make(), per_epoch + 3)
+    reference = _take(make(), per_epoch + 3)
     for cut in (1, per_epoch - 1):  # mid-epoch, and just before a stream runs out
         loader = make()
-        first = take(loader, cut)
+        first = _take(loader, cut)
         state = loader.state_dict()
-        rest = take(make(state), per_epoch + 3 - cut)
+        rest = _take(make(state), per_epoch + 3 - cut)
         for (ia, xa), (ib, xb) in zip(reference, first + rest, strict=True):
             assert torch.equal(ia, ib) and torch.equal(xa, xb)
     with pytest.raises(ValueError, match="data.num_workers"):
@@ -311,18 +302,10 @@ def test_the_eval_split_of_unshuffled_shards_mixes_the_classes(shard_dir, tmp_pa
 def test_shard_workers_ignore_job_signals(shard_dir):
     """SIGTERM and SIGINT to the loader workers (a whole-job signal) leave them running: the main process
     decides what a stop means."""
-    from process_tree import alive, children
+    from process_tree import alive, epoch_with_signalled_workers
 
     loader = ShardLoader(ShardDataset(str(shard_dir / "out"), 8, seed=0, streams=2), 2, num_workers=2)
-    before = children(os.getpid())
-    batches = iter(loader)
-    got = [next(batches)]
-    workers = children(os.getpid()) - before
-    assert len(workers) == 2
-    for pid in workers:
-        os.kill(pid, signal.SIGTERM)
-        os.kill(pid, signal.SIGINT)
-    got += list(batches)  # the rest of the epoch, from the same workers
+    got, workers = epoch_with_signalled_workers(loader, 2, (signal.SIGTERM, signal.SIGINT))
     assert sum(len(b["indices"]) for b in got) == N_IMAGES
     loader.close()
     assert not any(alive(p) for p in workers)
