@@ -30,19 +30,11 @@ from torch import Tensor
 
 from ..backends import EMA as BACKENDS
 from .dispatch import check_backend, use_triton
-from .ema_plan import cached_plan
+from .ema_plan import _dtensor_type, cached_plan
 
 _WORK_CACHE = OrderedDict()  # (triton, ((t_ptr, o_ptr, numel, dtypes), ...)) -> the op path's _Work
 _WORK_CACHE_SIZE = 4
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # torch without distributed
-        return None
-    return DTensor
 
 
 def _named_tensors(obj, side):
