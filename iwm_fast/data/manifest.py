@@ -19,25 +19,15 @@ import os
 import tarfile
 from dataclasses import dataclass
 
+from ..checksum import HASH, hash_file
+
 FORMAT = "iwm-fast-shards/1"
 MANIFEST = "manifest.json"
 PLAN = "conversion.json"  # written first by iwm-make-shards, removed after the manifest: a conversion under way
-HASH = "xxh3_128"
-_CHUNK = 8 << 20
 
 
 class ShardSetError(ValueError):
     """A shard set that cannot be trained on as it is; the message names the folder or shard and the fix."""
-
-
-def hash_file(path):
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe_shard(path):

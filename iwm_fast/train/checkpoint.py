@@ -28,13 +28,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from ..checksum import HASH
+from ..checksum import hash_file as _hash_file  # a module global: tests count its calls
 from .files import fsync_dir
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 META = "meta.json"
-HASH = "xxh3_128"
-_CHUNK = 8 << 20
 
 log = logging.getLogger("iwm_fast")
 
@@ -82,19 +82,6 @@ def complete_checkpoints(ckpt_dir):
 
 
 # ---------------------------------------------------------------- checksums and verification
-
-def _hash_file(path):
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _file_record(folder, name):
     path = os.path.join(folder, name)
