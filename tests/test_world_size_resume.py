@@ -93,7 +93,9 @@ def test_ranks_stop_when_their_launcher_is_killed(tmp_path):
         left = wait_gone(ranks, 90)
         _, err = launcher.communicate(timeout=60)  # the ranks held the pipes: they are closed once they are gone
         assert not left, f"ranks {left} still running without their launcher"
-        assert err.count("the launcher (pid") == 2 and "Traceback" not in err, err[-3000:]
+        # Each rank notices the launcher within a second; one that hears of the stop from its peer first (the
+        # stop is agreed over all ranks at a log step) stops without saying so, which is the same outcome.
+        assert err.count("the launcher (pid") in (1, 2) and "Traceback" not in err, err[-3000:]
         assert err.count("stopped by SIGTERM after step") == 2, err[-3000:]
         assert ckpt.latest_checkpoint(run / "checkpoints") is not None
     finally:
